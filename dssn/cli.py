@@ -1,0 +1,46 @@
+"""The ``dssn`` command: ``prepare``, ``train``, ``eval``, ``predict``, ``tune``, ``results``.
+
+Each room registers its own subcommands (``register(subparsers)``) and imports its heavy
+dependencies (Ray, torch) only when its command runs, so ``dssn --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# module path -> it defines ``register(subparsers)``; a room that is missing is skipped
+COMMAND_MODULES = ("dssn.data.cli", "dssn.train.cli", "dssn.tune.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dssn", description="DSSN semi-supervised segmentation on Ray"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from dssn.config import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"dssn: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
