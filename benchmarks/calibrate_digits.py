@@ -1,127 +1,203 @@
 """Calibrate the built-in digits dataset: is it learnable on a 2-core CPU in the demo's budget?
 
-A plain-PyTorch supervised trainer (no Ray): DeepLabV3+ from ``configs/digits.yaml`` (or the
-flags), the labeled-only loss, evaluated on val every ``--eval-every`` iterations. Run it with all
-training scenes labeled and with only the 1/16 split; the gap is the room semi-supervision fills.
+A plain-PyTorch supervised trainer (no Ray) over digits shards: DeepLabV3+ from
+``configs/digits.yaml`` (and the flags / ``key=value`` overrides), the labeled cross-entropy of
+``dssn.method``, the optimizer and poly schedule of ``dssn.train.schedule``, the labeled
+augmentation of ``dssn.data.augment``; val mIoU from a confusion matrix every ``--eval-every``
+iterations and a per-class IoU table at the end. Run it with every training scene labeled and
+with the demo's 1/16 split only: the gap is the room semi-supervision has to fill.
 
-    python benchmarks/calibrate_digits.py --labeled all --minutes 10
-    python benchmarks/calibrate_digits.py --labeled split --minutes 10
+    python benchmarks/calibrate_digits.py --labeled all   --iters 3000
+    python benchmarks/calibrate_digits.py --labeled split --iters 3000
+
+The training scenes are generated (seconds) with the generator options of ``--digits`` (e.g.
+``--digits size_min=32 digits_max=2``) and ``labeled_fraction=1``: the same scenes as the
+demo's shards, all with masks; ``split`` keeps the first ``round(n_train * 1/16)`` of them,
+which are exactly the demo's labeled scenes.
+
+Timing on a shared machine: wall-clock time depends on who else runs. Every progress line gives
+the iterations, the wall seconds and this process's CPU seconds (all threads), and the budget can
+be CPU time (``--cpu-minutes``): ten minutes on two idle cores are at most 20 CPU-minutes.
+OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE, set before torch loads): spinning
+threads on oversubscribed cores burn 5-10x the CPU of the work itself.
 """
 
 from __future__ import annotations
 
-import argparse
-import tempfile
-import time
-from pathlib import Path
+import os
 
-import numpy as np
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP runtime
 
-from dssn.config import load_config
-from dssn.data import format as fmt
-from dssn.data.augment import augment_labeled
-from dssn.data.digits import CLASSES, generate
-from dssn.method.losses import labeled_ce
-from dssn.model import build_model
-from dssn.train.metrics import confusion_matrix, iou_per_class, mean_iou
+import argparse  # noqa: E402
+import math  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from dssn.config import Config, load_config  # noqa: E402
+from dssn.data import format as fmt  # noqa: E402
+from dssn.data.augment import augment_labeled  # noqa: E402
+from dssn.data.digits import CLASSES, DigitsSpec, generate, labeled_count  # noqa: E402
+from dssn.method.losses import labeled_ce  # noqa: E402
+from dssn.model import build_model  # noqa: E402
+from dssn.train.metrics import confusion_matrix, iou_per_class, mean_iou  # noqa: E402
+from dssn.train.schedule import build_optimizer, set_poly_lr  # noqa: E402
+
+EVAL_CHUNK = 64  # val images per forward pass
 
 
-def load_part(root: str, part: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    samples = []
-    for path in fmt.list_shards(root, part):
-        table = fmt.read_shard(path).to_pydict()
-        for image, mask in zip(table["image"], table["mask"], strict=True):
-            img = torch.from_numpy(fmt.decode_image(image)).permute(2, 0, 1).contiguous()
-            samples.append((img, torch.from_numpy(fmt.decode_mask(mask))))
-    return samples
+def load_part(root: str, part: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """All rows of a part, decoded: images (N, 3, H, W) uint8, masks (N, H, W) uint8."""
+    images, masks = [], []
+    for row in fmt.iter_rows(root, part, ["image", "mask"]):
+        images.append(torch.from_numpy(fmt.decode_image(row["image"])).permute(2, 0, 1))
+        masks.append(torch.from_numpy(fmt.decode_mask(row["mask"])))
+    return torch.stack(images), torch.stack(masks)
 
 
-def normalize(images: torch.Tensor, cfg) -> torch.Tensor:
+def normalize(images: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float, ImageNet-normalized (as the training pipeline)."""
     mean = torch.tensor(cfg.data.mean).view(1, 3, 1, 1) * 255
     std = torch.tensor(cfg.data.std).view(1, 3, 1, 1) * 255
     return (images.float() - mean) / std
 
 
 @torch.no_grad()
-def evaluate(model, val, cfg) -> list[float]:
+def evaluate(model: torch.nn.Module, val: tuple[torch.Tensor, torch.Tensor], cfg: Config):
+    """Per-class IoU on whole val scenes (eval_mode original)."""
     model.eval()
     matrix = torch.zeros(len(CLASSES), len(CLASSES), dtype=torch.long)
-    for start in range(0, len(val), 64):
-        chunk = val[start : start + 64]
-        images = normalize(torch.stack([s[0] for s in chunk]), cfg)
-        masks = torch.stack([s[1] for s in chunk])
-        pred = model(images).argmax(1)
-        matrix += confusion_matrix(pred, masks, len(CLASSES))
+    images, masks = val
+    for start in range(0, len(images), EVAL_CHUNK):
+        logits = model(normalize(images[start : start + EVAL_CHUNK], cfg))  # (b, C, H, W)
+        matrix += confusion_matrix(logits.argmax(1), masks[start : start + EVAL_CHUNK], len(CLASSES))
     model.train()
     return iou_per_class(matrix)
+
+
+def train_batch(train, cfg: Config, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random labeled batch through the geometric augmentation: (B,3,S,S) float, (B,S,S) long."""
+    images, masks = train
+    idx = rng.integers(0, len(images), cfg.data.batch_size)
+    pairs = [augment_labeled(images[i], masks[i], cfg.data, rng) for i in idx]
+    x = normalize(torch.stack([a for a, _ in pairs]), cfg)
+    return x, torch.stack([m for _, m in pairs]).long()
+
+
+def parse_options(items: list[str]) -> dict:
+    """``["size_min=32", ...]`` -> {"size_min": 32, ...} (values parsed as YAML)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--digits: '{item}' must look like key=value")
+        key, raw = item.split("=", 1)
+        out[key] = yaml.safe_load(raw)
+    return out
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    flags = {
+        "model.backbone": args.backbone,
+        "model.width": args.width,
+        "model.output_stride": args.os,
+        "optim.optimizer": args.optimizer,
+        "optim.lr": args.lr,
+        "data.batch_size": args.batch,
+        "data.crop_size": args.crop,
+    }
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
+    return load_config(args.config, overrides)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/digits.yaml")
     p.add_argument("--labeled", choices=["all", "split"], default="all")
-    p.add_argument("--data", help="digits shards with every training scene labeled (generated)")
-    p.add_argument("--minutes", type=float, default=10.0, help="time budget")
-    p.add_argument("--iters", type=int, default=100_000, help="iteration budget")
-    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--digits", nargs="*", default=[], metavar="KEY=VALUE", help="generator")
+    p.add_argument("--data", help="existing shards with every training scene labeled")
+    p.add_argument("--iters", type=int, default=3000, help="iterations (the poly schedule)")
+    p.add_argument("--minutes", type=float, default=math.inf, help="wall-clock budget")
+    p.add_argument("--cpu-minutes", type=float, default=math.inf, help="process CPU budget")
+    p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("overrides", nargs="*", help="config key=value")
+    p.add_argument("--backbone")
+    p.add_argument("--width", type=int)
+    p.add_argument("--os", type=int, help="output stride (8 or 16)")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"])
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--crop", type=int)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = load_config(args.config, args.overrides)
+    cfg = build_config(args)
     torch.manual_seed(cfg.train.seed)
     rng = np.random.default_rng(cfg.train.seed)
 
-    # every training scene labeled: the same scenes as the demo's shards (same seed and size)
+    options = parse_options(args.digits)
+    spec = DigitsSpec(**options)
     root = args.data or tempfile.mkdtemp(prefix="digits-all-")
-    info = fmt.read_dataset_info(cfg.data.root) if Path(cfg.data.root).exists() else None
-    gen = dict(info["generator"]) if info else {}
-    gen.pop("labeled_fraction", None)
     if args.data is None:
-        generate(root, labeled_fraction=1.0, **gen)
-    train = load_part(root, "labeled")
-    if args.labeled == "split":
-        n_split = round(len(train) * (gen.get("labeled_fraction") or 1 / 16))
-        n_split = info["counts"]["labeled"] if info else max(1, n_split)
-        train = train[:n_split]  # the demo's labeled scenes are the first ones
-    val = load_part(root, "val")
-    print(f"train scenes {len(train)}  val scenes {len(val)}  ({args.labeled} labeled)")
+        generate(root, **{**options, "labeled_fraction": 1.0})
+    try:
+        train = load_part(root, "labeled")
+        val = load_part(root, "val")
+    finally:
+        if args.data is None:
+            shutil.rmtree(root, ignore_errors=True)
+    if args.labeled == "split":  # the demo's labeled scenes are the first ones
+        n = labeled_count(spec)
+        train = (train[0][:n], train[1][:n])
 
     model = build_model(cfg.model)
-    if cfg.optim.optimizer == "adamw":
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=1e-4)
-    else:
-        opt = torch.optim.SGD(
-            model.parameters(), lr=cfg.optim.lr, momentum=0.9, weight_decay=cfg.optim.weight_decay
-        )
-    budget = args.minutes * 60
-    start, it, best = time.time(), 0, 0.0
-    batch = cfg.data.batch_size
-    while it < args.iters and time.time() - start < budget:
-        idx = rng.integers(0, len(train), batch)
-        pairs = [augment_labeled(*train[i], cfg.data, rng) for i in idx]
-        images = normalize(torch.stack([a for a, _ in pairs]), cfg)
-        masks = torch.stack([m for _, m in pairs]).long()
-        loss = labeled_ce(model(images), masks)
-        opt.zero_grad(set_to_none=True)
+    optimizer = build_optimizer(model, cfg.optim)
+    params = sum(p.numel() for p in model.parameters())
+    print(
+        f"{len(train[0])} training scenes ({args.labeled} labeled), {len(val[0])} val | "
+        f"{cfg.model.backbone} width {cfg.model.width} OS {cfg.model.output_stride} "
+        f"({params / 1e6:.2f}M) | {cfg.optim.optimizer} lr {cfg.optim.lr} x{cfg.optim.lr_multi}"
+        f" | batch {cfg.data.batch_size} crop {cfg.data.crop_size} | {args.iters} iters | "
+        f"{args.threads} threads | digits {options or 'defaults'}",
+        flush=True,
+    )
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    it, best, losses = 0, 0.0, []
+
+    def spent() -> tuple[float, float]:
+        return time.perf_counter() - wall0, time.process_time() - cpu0
+
+    while it < args.iters:
+        wall, cpu = spent()
+        if wall > 60 * args.minutes or cpu > 60 * args.cpu_minutes:
+            break
+        x, y = train_batch(train, cfg, rng)
+        loss = labeled_ce(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        optimizer.step()
+        set_poly_lr(optimizer, it, args.iters, cfg.optim.poly_power)
+        losses.append(loss.item())
         it += 1
         if it % args.eval_every == 0:
             miou = mean_iou(evaluate(model, val, cfg))
             best = max(best, miou)
+            wall, cpu = spent()
             print(
-                f"iter {it:5d}  loss {loss.item():.3f}  val mIoU {100 * miou:5.1f}  "
-                f"({time.time() - start:5.0f} s, {it * batch / (time.time() - start):.1f} img/s)",
+                f"iter {it:5d}  loss {np.mean(losses[-args.eval_every :]):.3f}  "
+                f"val mIoU {100 * miou:5.1f}  wall {wall:6.0f} s  cpu {cpu:6.0f} s  "
+                f"({it * cfg.data.batch_size / cpu:5.1f} img per cpu-s)",
                 flush=True,
             )
     ious = evaluate(model, val, cfg)
-    elapsed = time.time() - start
-    print(f"\nfinal after {it} iterations, {elapsed:.0f} s ({args.labeled} labeled):")
+    wall, cpu = spent()
+    print(f"\nfinal: {it} iterations, wall {wall:.0f} s, cpu {cpu:.0f} s ({args.labeled} labeled)")
     for name, iou in zip(CLASSES, ious, strict=True):
         print(f"  {name:>10s}  {100 * iou:5.1f}")
-    print(f"  {'mIoU':>10s}  {100 * mean_iou(ious):5.1f}   (best during run {100 * best:.1f})")
+    print(f"  {'mIoU':>10s}  {100 * mean_iou(ious):5.1f}   (best during the run {100 * best:.1f})")
 
 
 if __name__ == "__main__":

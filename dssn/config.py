@@ -97,8 +97,22 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     eval_mode: str = "original"  # original | center_crop | sliding_window
     eval_crop: int | None = None  # defaults to crop_size
+    eval_stride: float = 2 / 3  # sliding window: stride = int(window * this) (reference 2/3)
     shuffle_buffer: int = 64  # local shuffle buffer (rows) per worker
     seed: int = 0
+    # augmentation (METHOD.md "Augmentations"); reference values
+    hflip_p: float = 0.5
+    jitter_p: float = 0.8  # strong view: ColorJitter with this probability ...
+    jitter: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5, 0.25])  # b, c, s, hue
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    strong_ops_max: int = 3  # then n ~ U{1..this} random ops, drawn with replacement
+    enhance_range: list[float] = field(default_factory=lambda: [0.05, 0.95])  # contrast, ...
+    posterize_bits: list[int] = field(default_factory=lambda: [4, 8])
+    solarize_range: list[int] = field(default_factory=lambda: [1, 256])
+    hue_shift_max: float = 0.5  # random op "hue": shift by +-U[0, this] of the colour circle
+    map_batch_rows: int = 16  # rows per Ray Data decode/augment task call
 
 
 @dataclass
@@ -122,6 +136,8 @@ class TrainConfig:
     name: str | None = None
     # test-only fault injection: rank 1 (or 0 with one worker) dies once at this global iteration
     fail_at_iter: int | None = None
+    # test-only: the loss of this global iteration becomes NaN on every worker (nan_policy)
+    nan_at_iter: int | None = None
 
 
 @dataclass
@@ -138,6 +154,12 @@ class TuneConfig:
     space: dict[str, Any] = field(default_factory=dict)
     # optional parameters to add to the default space (lr, ema, selection, consistency)
     extra: list[str] = field(default_factory=list)
+    name: str | None = None  # experiment name (None: "<name>-tune")
+    # where experiments go (None: train.storage); a path, or a URI pyarrow reads (s3://, gs://)
+    storage_path: str | None = None
+    # CPUs kept free per running trial for its Ray Data read/augment tasks (none: they starve)
+    data_cpus: float = 1.0
+    trial_cpus: float = 0.5  # the trial's own function: builds the TorchTrainer, then waits
 
 
 @dataclass

@@ -93,6 +93,11 @@ def class_prior(spec: DigitsSpec) -> np.ndarray:
     return prior / prior.sum()
 
 
+def labeled_count(spec: DigitsSpec) -> int:
+    """How many of the ``n_train`` training scenes are labeled (the first ones)."""
+    return max(1, round(spec.n_train * spec.labeled_fraction))
+
+
 def _upscale(glyph: np.ndarray, size: int) -> np.ndarray:
     """An 8×8 glyph (0..1) -> (size, size), bicubic-smooth so strokes look drawn."""
     from PIL import Image

@@ -1,0 +1,351 @@
+"""Data throughput: the unlabeled augmentation per CPU core, ours vs the reference's PIL way,
+and Ray Data end to end from Parquet shards with 1 and 2 CPUs.
+
+    .venv/bin/python benchmarks/data.py                 # crop 321, VOC-sized JPEGs (500x375)
+    .venv/bin/python benchmarks/data.py --samples 32 --ray-rows 128   # quicker
+
+One unlabeled sample = decode + rescale/pad/crop/flip + two strong views + two CutMix boxes +
+ignore mask (what DSSN needs per unlabeled image). "PIL reference" runs the same operations as
+the DSSN / UniMatch dataset code: one PIL round trip per op, torchvision transforms on PIL
+images; "+ normalize" adds its ToTensor/Normalize of the three views (ours normalizes on the
+training device instead, see pipeline.to_device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import random
+import tempfile
+import time
+from copy import deepcopy
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+from torchvision import transforms
+
+from dssn.config import DataConfig
+from dssn.data import augment, pipeline
+from dssn.data import format as fmt
+
+VOC_SIZE = (500, 375)  # width, height of most VOC images
+
+
+def fabricate_jpegs(n: int, seed: int = 0) -> list[bytes]:
+    """VOC-sized JPEGs with photo-like statistics (smooth shapes + texture), quality 90."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        w, h = VOC_SIZE if i % 4 else VOC_SIZE[::-1]  # a quarter portrait, as in VOC
+        coarse = rng.integers(0, 256, (h // 25, w // 25, 3), dtype=np.uint8)
+        im = Image.fromarray(coarse).resize((w, h), Image.BICUBIC)
+        noise = rng.normal(0, 12, (h, w, 3))
+        arr = np.clip(np.asarray(im, dtype=np.float64) + noise, 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+# ----------------------------------------------------------------------------- PIL reference
+# The reference's transforms (UniMatch / DSSN dataset code), written out to time them.
+
+
+def pil_resize(img, mask, ratio_range):
+    w, h = img.size
+    long_side = random.randint(int(max(h, w) * ratio_range[0]), int(max(h, w) * ratio_range[1]))
+    if h > w:
+        oh, ow = long_side, int(1.0 * w * long_side / h + 0.5)
+    else:
+        ow, oh = long_side, int(1.0 * h * long_side / w + 0.5)
+    return img.resize((ow, oh), Image.BILINEAR), mask.resize((ow, oh), Image.NEAREST)
+
+
+def pil_crop(img, mask, size, ignore_value):
+    w, h = img.size
+    padw, padh = max(size - w, 0), max(size - h, 0)
+    img = ImageOps.expand(img, border=(0, 0, padw, padh), fill=0)
+    mask = ImageOps.expand(mask, border=(0, 0, padw, padh), fill=ignore_value)
+    w, h = img.size
+    x, y = random.randint(0, w - size), random.randint(0, h - size)
+    return img.crop((x, y, x + size, y + size)), mask.crop((x, y, x + size, y + size))
+
+
+def pil_hflip(img, mask, p=0.5):
+    if random.random() < p:
+        return img.transpose(Image.FLIP_LEFT_RIGHT), mask.transpose(Image.FLIP_LEFT_RIGHT)
+    return img, mask
+
+
+def pil_blur(img, p=0.5):
+    if random.random() < p:
+        img = img.filter(ImageFilter.GaussianBlur(radius=np.random.uniform(0.1, 2.0)))
+    return img
+
+
+def _enhance(cls):
+    return lambda img: cls(img).enhance(0.95 - 0.9 * random.random())
+
+
+def _hue(img):
+    v = 0.5 * random.random() * (1 if np.random.random() < 0.5 else -1)
+    h, s, val = img.convert("HSV").split()
+    np_h = np.array(h, dtype=np.uint8)
+    with np.errstate(over="ignore"):
+        np_h += np.uint8(int(v * 255) % 256)
+    return Image.merge("HSV", (Image.fromarray(np_h, "L"), s, val)).convert("RGB")
+
+
+PIL_OPS = [
+    lambda img: img,
+    ImageOps.autocontrast,
+    ImageOps.equalize,
+    lambda img: img.filter(ImageFilter.GaussianBlur(radius=np.random.uniform(0.1, 2.0))),
+    _enhance(ImageEnhance.Contrast),
+    _enhance(ImageEnhance.Brightness),
+    _enhance(ImageEnhance.Color),
+    _enhance(ImageEnhance.Sharpness),
+    lambda img: ImageOps.posterize(img, 8 - max(1, int(np.ceil(4 * random.random())))),
+    lambda img: ImageOps.solarize(img, 256 - max(1, int(np.ceil(255 * random.random())))),
+    _hue,
+]
+JITTER = transforms.ColorJitter(0.5, 0.5, 0.5, 0.25)
+GRAY = transforms.RandomGrayscale(p=0.2)
+
+
+def pil_strong(img):
+    if random.random() < 0.8:
+        img = JITTER(img)
+    img = pil_blur(GRAY(img), p=0.5)
+    for op in random.choices(PIL_OPS, k=np.random.randint(1, 4)):
+        img = op(img)
+    return img
+
+
+def pil_cutmix_box(size, p=0.5):
+    mask = torch.zeros(size, size)
+    if random.random() > p:
+        return mask
+    area = np.random.uniform(0.02, 0.4) * size * size
+    while True:
+        ratio = np.random.uniform(0.3, 1 / 0.3)
+        w, h = int(np.sqrt(area / ratio)), int(np.sqrt(area * ratio))
+        x, y = np.random.randint(0, size), np.random.randint(0, size)
+        if x + w <= size and y + h <= size:
+            break
+    mask[y : y + h, x : x + w] = 1
+    return mask
+
+
+NORMALIZE = transforms.Compose(
+    [transforms.ToTensor(), transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]
+)
+
+
+def pil_unlabeled(data: bytes, crop: int, normalize: bool):
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    mask = Image.fromarray(np.zeros((img.size[1], img.size[0]), dtype=np.uint8))
+    img, mask = pil_resize(img, mask, (0.5, 2.0))
+    img, mask = pil_crop(img, mask, crop, 254)
+    img, mask = pil_hflip(img, mask)
+    img_w, img_s1, img_s2 = deepcopy(img), deepcopy(img), deepcopy(img)
+    img_s1, box1 = pil_strong(img_s1), pil_cutmix_box(crop)
+    img_s2, box2 = pil_strong(img_s2), pil_cutmix_box(crop)
+    ignore = torch.from_numpy(np.array(mask)).long()
+    ignore = torch.where(ignore == 254, 255, 0)
+    if normalize:
+        return NORMALIZE(img_w), NORMALIZE(img_s1), NORMALIZE(img_s2), ignore, box1, box2
+    views = [torch.from_numpy(np.array(v)).permute(2, 0, 1) for v in (img_w, img_s1, img_s2)]
+    return (*views, ignore, box1, box2)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def per_core_rate(fn, images: list[bytes], repeats: int) -> float:
+    """Samples per CPU-second of ``fn(bytes)`` on one thread (best of ``repeats`` passes).
+
+    CPU time, not wall time: this machine is shared, and other processes would otherwise
+    count against whichever implementation they happened to overlap.
+    """
+    fn(images[0])  # warm up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.process_time()
+        for data in images:
+            fn(data)
+        best = min(best, time.process_time() - start)
+    return len(images) / best
+
+
+class ClusterCPU:
+    """CPU seconds used by this process and all its descendants (the local Ray cluster: GCS,
+    raylet, workers), polled every ``interval`` s so workers that exit are still counted.
+    Measures Ray's real cost on a machine shared with other users."""
+
+    def __init__(self, interval: float = 0.1):
+        import threading
+
+        self.interval, self.seen, self.baseline = interval, {}, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _poll(self) -> None:
+        import importlib
+
+        import ray  # noqa: F401  (puts Ray's bundled psutil on the path)
+
+        psutil = importlib.import_module("psutil")
+
+        me = psutil.Process()
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                t = proc.cpu_times()
+                worker = proc.name().startswith("ray::")  # task / actor processes
+                self.seen[(proc.pid, proc.create_time(), worker)] = t.user + t.system
+            except psutil.Error:
+                pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._poll()
+
+    def __enter__(self):
+        self._poll()
+        self.baseline = dict(self.seen)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._poll()
+
+    def seconds(self, workers: bool | None = None) -> float:
+        """CPU seconds since ``__enter__``: of Ray's worker processes (True), of the driver
+        and Ray's daemons (False), or of everything (None)."""
+        return sum(
+            v - self.baseline.get(k, 0.0)
+            for k, v in self.seen.items()
+            if workers is None or k[2] == workers
+        )
+
+
+def ray_rate(root: str, cfg: DataConfig, cpus: int, rows: int, passes: int = 3) -> dict:
+    """Throughput of the unlabeled stream over ``rows`` rows: the first (cold) pass starts
+    Ray's workers; of the ``passes`` warm passes after it, the one that cost the cluster the
+    least CPU is kept (on a shared machine Ray sometimes restarts workers mid-pass: their
+    start-up, ~3 CPU-s of imports each, is reported in the "new processes" column)."""
+    import ray
+
+    from dssn.config import Config
+
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        full = Config()
+        full.data = cfg
+        info = fmt.read_dataset_info(root)
+        ds = pipeline.train_stream(full, "unlabeled", info, rows)
+        results = []
+        for _ in range(passes + 1):
+            with ClusterCPU() as meter:
+                start, count = time.perf_counter(), 0
+                for batch in ds.iter_batches(batch_size=8, batch_format="numpy"):
+                    count += len(batch["image_u_w"])
+                wall = time.perf_counter() - start
+            results.append(
+                {
+                    "wall_rate": count / wall,
+                    "wall_s": wall,
+                    "cpu_per_sample": meter.seconds() / count,
+                    "worker_cpu_per_sample": meter.seconds(workers=True) / count,
+                    "new_processes": len(set(meter.seen) - set(meter.baseline)),
+                }
+            )
+    finally:
+        ray.shutdown()
+    best = min(results[1:], key=lambda r: r["cpu_per_sample"])
+    return {**best, "cold_s": results[0]["wall_s"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--samples", type=int, default=64, help="distinct JPEGs")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes (best is kept)")
+    parser.add_argument("--crop", type=int, default=321)
+    parser.add_argument("--ray-rows", type=int, default=384, help="rows streamed per Ray run")
+    parser.add_argument("--no-ray", action="store_true")
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    random.seed(0)
+    np.random.seed(0)
+    cfg = DataConfig(crop_size=args.crop)
+    images = fabricate_jpegs(args.samples)
+    rng = np.random.default_rng(0)
+
+    def ours(data: bytes):
+        # what a Ray Data task computes per row (the masks are rebuilt in the train worker)
+        return augment.unlabeled_views(pipeline.decode_image(data), cfg, rng)
+
+    rates = {
+        "ours (torch/numpy, crop first)": per_core_rate(ours, images, args.repeats),
+        "PIL reference (uint8 outputs)": per_core_rate(
+            lambda d: pil_unlabeled(d, args.crop, False), images, args.repeats
+        ),
+        "PIL reference + normalize": per_core_rate(
+            lambda d: pil_unlabeled(d, args.crop, True), images, args.repeats
+        ),
+    }
+    base = rates["ours (torch/numpy, crop first)"]
+    kb = np.mean([len(d) for d in images]) / 1024
+    print(f"\nunlabeled sample (weak + 2 strong + 2 boxes), crop {args.crop}, ")
+    print(f"{args.samples} fabricated {VOC_SIZE[0]}x{VOC_SIZE[1]} JPEGs (~{kb:.0f} KB), 1 thread\n")
+    print(f"| {'implementation':32s} | samples/s/core | ms/sample | ours is |")
+    print(f"|{'-' * 34}|---------------:|----------:|--------:|")
+    for name, rate in rates.items():
+        print(f"| {name:32s} | {rate:14.1f} | {1000 / rate:9.1f} | {base / rate:6.2f}x |")
+
+    if args.no_ray:
+        return
+    with tempfile.TemporaryDirectory() as root:
+        rows = [
+            {"id": f"u{i}", "image": images[i % len(images)], "mask": None,
+             "height": VOC_SIZE[1], "width": VOC_SIZE[0]}
+            for i in range(args.ray_rows)
+        ]  # fmt: skip
+        count = fmt.write_part(root, "unlabeled", rows, shard_rows=32)
+        counts = {"labeled": 0, "unlabeled": count, "val": 0}
+        fmt.write_dataset_info(root, {"name": "bench", "classes": ["a", "b"], "counts": counts})
+        cfg.root = root
+        print(
+            f"\nRay Data end to end: {args.ray_rows} rows from Parquet shards -> decode + augment"
+        )
+        print("-> numpy batches in the driver; best of 3 warm passes. CPU ms/sample: all")
+        print("processes of the local cluster (in brackets: Ray's worker processes only).")
+        print(
+            "CPU-based rate = CPUs / cluster CPU-seconds per sample: the rate on dedicated cores.\n"
+        )
+        print("| CPUs | wall samples/s | CPU ms/sample (workers) | CPU-based samples/s | "
+              "target: 80% x per-core x CPUs | new processes | cold pass s |")  # fmt: skip
+        print("|-----:|---------------:|------------------------:|--------------------:|"
+              "------------------------------:|--------------:|------------:|")  # fmt: skip
+        for cpus in (1, 2):
+            r = ray_rate(root, cfg, cpus, args.ray_rows)
+            projected = cpus / r["cpu_per_sample"]
+            target = 0.8 * base * cpus
+            verdict = "met" if projected >= target else "missed"
+            cpu_ms = f"{1000 * r['cpu_per_sample']:.1f} ({1000 * r['worker_cpu_per_sample']:.1f})"
+            print(f"| {cpus:4d} | {r['wall_rate']:14.1f} | {cpu_ms:>23s} | {projected:19.1f} | "
+                  f"{target:21.1f} ({verdict:6s}) | {r['new_processes']:13d} | "
+                  f"{r['cold_s']:11.1f} |")  # fmt: skip
+    print(
+        f"\nload average during the run: {os.getloadavg()[0]:.1f} (this machine: "
+        f"{os.cpu_count()} CPUs, shared)"
+    )
+
+
+if __name__ == "__main__":
+    main()

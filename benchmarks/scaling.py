@@ -1,0 +1,119 @@
+"""Data-parallel scaling on CPU: images/s with 1 and 2 Ray Train workers (one torch thread
+each), and the fraction of the step time spent waiting for data.
+
+    .venv/bin/python benchmarks/scaling.py [--config configs/digits.yaml] [--workers 1 2]
+                                           [--epochs 2] [--iters 20] [key=value ...]
+
+Each worker count is one short ``fit`` run (a fresh run name under a temporary storage
+directory); the figures are those of its last epoch (the first one warms up). Targets
+(issue 4): 2 workers >= 1.7x the images/s of one; data wait < 5% of step time.
+Images/s counts every training image of a step (labeled + unlabeled + CutMix partner rows),
+summed over workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+import time
+
+from dssn.config import load_config
+
+TARGET_SPEEDUP = 1.7
+TARGET_DATA_WAIT = 0.05
+
+
+def measure(
+    config: str, workers: int, epochs: int, iters: int, overrides: list[str], storage: str
+) -> dict[str, float]:
+    """One run with ``workers`` workers; the last epoch's throughput figures."""
+    from dssn.train.launcher import fit
+
+    cfg = load_config(
+        config,
+        [
+            *overrides,
+            f"train.workers={workers}",
+            "train.threads_per_worker=1",
+            f"train.epochs={epochs}",
+            f"train.iters_per_epoch={iters}",
+            f"train.eval_every={epochs}",  # evaluation is not part of the step time
+            f"train.storage={storage}",
+            f"train.name=scaling-{workers}w",
+            f"train.log_every={iters}",
+        ],
+    )
+    start = time.perf_counter()
+    metrics = fit(cfg).metrics
+    return {
+        "workers": workers,
+        "images_per_s": metrics["images_per_s"],
+        "images_per_s_steady": metrics["images_per_s_steady"],
+        "data_wait": metrics["data_wait"],
+        "data_wait_steady": metrics["data_wait_steady"],
+        "first_batch_s": metrics["first_batch_s"],
+        "epoch_time_s": metrics["epoch_time_s"],
+        "wall_s": time.perf_counter() - start,
+    }
+
+
+def table(rows: list[dict[str, float]]) -> str:
+    base = rows[0]["images_per_s"]
+    base_steady = rows[0]["images_per_s_steady"]
+    lines = [
+        "| workers | images/s | speed-up | images/s steady | speed-up steady | data wait "
+        "| data wait steady | first batch (s) | epoch (s) | run wall (s) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['workers']} | {r['images_per_s']:.1f} | {r['images_per_s'] / base:.2f}x | "
+            f"{r['images_per_s_steady']:.1f} | {r['images_per_s_steady'] / base_steady:.2f}x | "
+            f"{r['data_wait']:.1%} | {r['data_wait_steady']:.1%} | {r['first_batch_s']:.1f} | "
+            f"{r['epoch_time_s']:.1f} | {r['wall_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/digits.yaml")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=20, help="iterations per epoch")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args()
+
+    import ray
+
+    from dssn.train.launcher import MIN_FREE_DATA_CPUS, start_local_ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    cores = os.cpu_count() or 1
+    # one Ray for every run, with logical CPUs for the most workers plus Ray Data
+    cfg = load_config(args.config, args.overrides)
+    most = max(args.workers) * cfg.train.cpus_per_worker + MIN_FREE_DATA_CPUS
+    if not ray.is_initialized():
+        start_local_ray(max(cores, math.ceil(most)))
+    with tempfile.TemporaryDirectory(prefix="dssn-scaling-") as storage:
+        rows = [
+            measure(args.config, n, args.epochs, args.iters, args.overrides, storage)
+            for n in args.workers
+        ]
+    if ray.is_initialized():
+        ray.shutdown()
+    print(f"\nCPU data-parallel scaling ({cores} cores, 1 torch thread per worker, "
+          f"{args.iters} iterations/epoch, last of {args.epochs} epochs)")  # fmt: skip
+    print(table(rows))
+    if len(rows) > 1:
+        speedup = rows[-1]["images_per_s_steady"] / rows[0]["images_per_s_steady"]
+        print(f"steady-state speed-up {rows[-1]['workers']} vs {rows[0]['workers']} workers: "
+              f"{speedup:.2f}x (target >= {TARGET_SPEEDUP}x for 2 vs 1)")  # fmt: skip
+    worst_wait = max(r["data_wait_steady"] for r in rows)
+    print(f"worst steady-state data wait {worst_wait:.1%} (target < {TARGET_DATA_WAIT:.0%})")
+
+
+if __name__ == "__main__":
+    main()

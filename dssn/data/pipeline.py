@@ -1,0 +1,374 @@
+"""Ray Data pipeline: Parquet shards -> decode -> augment -> per-worker training batches.
+
+In the driver::
+
+    datasets = build_datasets(cfg)        # {"labeled", "unlabeled", "mix", "val"}: Ray Datasets
+    TorchTrainer(..., datasets=datasets)  # Ray Train splits each across the workers
+
+In each Ray Train worker::
+
+    for raw in iter_train_batches(cfg, epoch):   # exactly iters_per_epoch(cfg, world) dicts
+        batch = to_device(raw, device, cfg)
+    for image, mask in iter_val_samples(cfg):    # this worker's val rows, unaugmented
+
+Design (why it looks like this):
+
+- Decoding and augmentation are ``map_batches`` tasks that ask only for CPUs, so on a cluster
+  they run on whichever nodes have CPUs free, CPU-only nodes included.
+- Three training streams, each split by Ray Train across workers (``streaming_split``, equal
+  row counts): ``labeled`` (image_x, mask_x), ``unlabeled`` (weak, 2 strong, ignore, 2 boxes)
+  and ``mix``, an independently shuffled and augmented pass over the unlabeled set (the CutMix
+  partner u' of METHOD.md; the reference reads it from a second unlabeled loader).
+- An epoch is one pass over the unlabeled set: ``n_unlabeled // (batch * workers)`` steps. The
+  driver plans one read per row group (32 rows), repeating a part's row groups until they cover
+  ``steps * batch * workers`` rows (the labeled set 115 times for VOC 92), so no worker runs
+  dry and every worker takes the same number of steps; the rest of the last copy is unread.
+- Shuffling without an all-to-all shuffle of image bytes: ``dssn prepare`` writes shards in a
+  random order of samples; each epoch the row-group reads come in a new random order
+  (``randomize_block_order``), each read permutes its rows (so repeated copies of the labeled
+  set come in different orders), and ``iter_torch_batches`` keeps a local shuffle buffer.
+- Augmentation runs one task per row group (reads are not fused into it), so even a small
+  part spreads over all free CPUs.
+- Augmentation draws come from fresh entropy per batch: Ray Data's execution order is not
+  deterministic, so per-sample seeds would not make a run repeatable anyway. The augmentation
+  functions themselves (``dssn.data.augment``) are seeded and reproducible.
+- Validation rows are read with pyarrow directly (no Ray Data): worker ``rank`` takes rows
+  ``rank, rank + world, ...``, so every row is evaluated exactly once (an equal split would
+  drop up to world - 1 rows).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from dssn.data import augment
+from dssn.data import format as fmt
+
+# batch keys iter_train_batches yields for each training stream (CONTRACTS.md "Method")
+LABELED_KEYS = ("image_x", "mask_x")
+UNLABELED_KEYS = ("image_u_w", "image_u_s1", "image_u_s2", "ignore_u", "box_u1", "box_u2")
+MIX_KEYS = ("image_mix_w", "image_mix_s1", "image_mix_s2", "ignore_mix")
+TRAIN_STREAMS = {"labeled": LABELED_KEYS, "unlabeled": UNLABELED_KEYS, "mix": MIX_KEYS}
+# what the Ray Datasets carry: ignore masks as padding extents (B, 3) and boxes as (B, 4)
+# parameters, expanded to masks in the worker (a quarter less data through the object store)
+STREAM_COLUMNS = {
+    "labeled": LABELED_KEYS,
+    "unlabeled": ("image_u_w", "image_u_s1", "image_u_s2", "extent_u", "boxp_u1", "boxp_u2"),
+    "mix": ("image_mix_w", "image_mix_s1", "image_mix_s2", "extent_mix"),
+}
+READ_COLUMNS = ["id", "image", "mask"]
+# local shuffle seeds of the three streams: data.seed + offset (independent orders)
+STREAM_SEED_OFFSET = {"labeled": 0, "unlabeled": 1, "mix": 2}
+READ_CPUS = 0.25  # a row-group read is mostly I/O
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def decode_image(data: bytes) -> torch.Tensor:
+    """Encoded JPEG/PNG bytes -> uint8 (3, H, W) (torchvision's libjpeg-turbo / libpng)."""
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_image as tv_decode
+
+    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return tv_decode(raw, mode=ImageReadMode.RGB)
+
+
+def decode_mask(data: bytes) -> torch.Tensor:
+    """PNG mask bytes -> uint8 (H, W) class ids (palette indices, not colours)."""
+    return torch.from_numpy(fmt.decode_mask(data))
+
+
+# ----------------------------------------------------------------------------- batch functions
+# Plain functions of a numpy batch (what map_batches hands over), so they run without Ray too.
+
+
+def labeled_batch(batch: dict[str, np.ndarray], cfg: Any) -> dict[str, np.ndarray]:
+    """Decode + geometric augmentation of labeled rows -> image_x (N,3,S,S), mask_x (N,S,S)."""
+    rng = np.random.default_rng()
+    n, crop = len(batch["image"]), cfg.crop_size
+    images = np.empty((n, 3, crop, crop), np.uint8)
+    masks = np.empty((n, crop, crop), np.uint8)
+    for i, (data, mask_data) in enumerate(zip(batch["image"], batch["mask"], strict=True)):
+        if mask_data is None:
+            raise fmt.ShardError(f"labeled row '{batch['id'][i]}' has no mask")
+        image, mask = decode_image(data), decode_mask(mask_data)
+        _, masks[i] = augment.augment_labeled(image, mask, cfg, rng, out=images[i])
+    return {"image_x": images, "mask_x": masks}
+
+
+def unlabeled_batch(
+    batch: dict[str, np.ndarray], cfg: Any, prefix: str = "u"
+) -> dict[str, np.ndarray]:
+    """Decode + weak / 2 strong views of unlabeled rows, with the padding extent and the two
+    CutMix boxes as numbers (STREAM_COLUMNS; :func:`expand_batch` turns them into masks).
+
+    ``prefix`` "u" for the unlabeled stream, "mix" for the CutMix partner (no boxes needed).
+    """
+    rng = np.random.default_rng()
+    n, crop = len(batch["image"]), cfg.crop_size
+    # outputs allocated once per batch; the views are written straight into them
+    images = {
+        view: np.empty((n, 3, crop, crop), np.uint8) for view in ("weak", "strong1", "strong2")
+    }
+    extents = np.empty((n, 3), np.int32)
+    boxes = {box: np.empty((n, 4), np.int32) for box in ("box1", "box2")}
+    for i, data in enumerate(batch["image"]):
+        rows = {view: array[i] for view, array in images.items()}
+        views = augment.unlabeled_views(decode_image(data), cfg, rng, out=rows)
+        extents[i] = views["extent"]
+        for box, array in boxes.items():
+            array[i] = views[box]
+    out = {
+        f"image_{prefix}_w": images["weak"],
+        f"image_{prefix}_s1": images["strong1"],
+        f"image_{prefix}_s2": images["strong2"],
+        f"extent_{prefix}": extents,
+    }
+    if prefix == "u":
+        out.update(boxp_u1=boxes["box1"], boxp_u2=boxes["box2"])
+    return out
+
+
+def mix_batch(batch: dict[str, np.ndarray], cfg: Any) -> dict[str, np.ndarray]:
+    """The CutMix partner stream: unlabeled views under the image_mix_* / extent_mix keys."""
+    return unlabeled_batch(batch, cfg, "mix")
+
+
+def expand_batch(raw: dict[str, torch.Tensor], crop: int) -> dict[str, torch.Tensor]:
+    """Stream columns -> the batch keys of CONTRACTS.md: padding extents become ignore masks
+    (B, S, S) and box parameters CutMix box masks (B, S, S), on the tensors' device."""
+    out = dict(raw)
+    for extent, ignore in (("extent_u", "ignore_u"), ("extent_mix", "ignore_mix")):
+        if extent in out:
+            out[ignore] = augment.ignore_from_extent(out.pop(extent), crop)
+    for params, box in (("boxp_u1", "box_u1"), ("boxp_u2", "box_u2")):
+        if params in out:
+            out[box] = augment.boxes_from_params(out.pop(params), crop)
+    return out
+
+
+def val_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Decode val rows (no augmentation); images keep their own sizes (object columns)."""
+    images = np.empty(len(batch["image"]), dtype=object)
+    masks = np.empty(len(batch["image"]), dtype=object)
+    for i, (data, mask_data) in enumerate(zip(batch["image"], batch["mask"], strict=True)):
+        images[i] = decode_image(data).numpy()
+        masks[i] = decode_mask(mask_data).numpy()
+    return {"id": batch["id"], "image": images, "mask": masks}
+
+
+def read_row_groups(batch: dict[str, np.ndarray]):
+    """Read the row groups named in ``batch`` ("path", "row_group") -> one pyarrow Table,
+    its rows permuted (so repeated copies of a part come in different orders)."""
+    import pyarrow as pa
+
+    tables = [
+        fmt.read_row_group(path, int(index), READ_COLUMNS)
+        for path, index in zip(batch["path"], batch["row_group"], strict=True)
+    ]
+    table = pa.concat_tables(tables)
+    return table.take(np.random.default_rng().permutation(table.num_rows))
+
+
+def read_shards_in_order(batch: dict[str, np.ndarray]):
+    """Read the shards named in ``batch["path"]`` -> one pyarrow Table, rows in order."""
+    import pyarrow as pa
+
+    return pa.concat_tables([fmt.read_shard(path, READ_COLUMNS) for path in batch["path"]])
+
+
+BATCH_FUNCTIONS = {"labeled": labeled_batch, "unlabeled": unlabeled_batch, "mix": mix_batch}
+STREAM_PART = {"labeled": "labeled", "unlabeled": "unlabeled", "mix": "unlabeled"}
+
+
+# ----------------------------------------------------------------------------- sizes
+
+
+def stream_names(cfg: Any) -> tuple[str, ...]:
+    """The training streams a run needs: the supervised baseline reads labeled rows only."""
+    return ("labeled",) if cfg.method == "supervised" else tuple(TRAIN_STREAMS)
+
+
+def iters_per_epoch(cfg: Any, world_size: int, info: dict | None = None) -> int:
+    """Steps per epoch: ``train.iters_per_epoch``, else one pass over the unlabeled set (the
+    labeled set if there is none): n // (batch * workers), at least 1."""
+    if cfg.train.iters_per_epoch is not None:
+        return cfg.train.iters_per_epoch
+    counts = (info or fmt.read_dataset_info(cfg.data.root))["counts"]
+    rows = int(counts.get("unlabeled", 0)) or int(counts["labeled"])
+    return max(1, rows // (cfg.data.batch_size * world_size))
+
+
+def shard_plan(root: str, part: str, count: int, rows_needed: int) -> list[dict[str, Any]]:
+    """One item per row-group read: the part's row groups, repeated until they hold at least
+    ``rows_needed`` rows. (Repeating paths in ``read_parquet`` does not work: Ray Data reads
+    each file once.)"""
+    files = fmt.list_shards(root, part)
+    if not files or count <= 0:
+        raise fmt.ShardError(f"{root}: part '{part}' has no rows; prepare the dataset first")
+    groups = [
+        {"path": path, "row_group": index}
+        for path in files
+        for index, rows in enumerate(fmt.shard_row_groups(path))
+        if rows
+    ]
+    copies = math.ceil(rows_needed / count)
+    return [{**group, "copy": c} for c in range(copies) for group in groups]
+
+
+# ----------------------------------------------------------------------------- Ray datasets
+
+
+def build_datasets(cfg: Any) -> dict[str, Any]:
+    """Ray Datasets for training ("labeled", "unlabeled", "mix"; only "labeled" when
+    ``cfg.method == "supervised"``) and "val" (decoded rows, for users of Ray Data; training
+    evaluation reads val with :func:`iter_val_samples` instead).
+
+    Sized for ``cfg.train.workers`` workers: every worker gets at least
+    ``iters_per_epoch * batch_size`` rows of each training stream per epoch.
+    """
+    import ray.data
+
+    root = cfg.data.root
+    info = fmt.read_dataset_info(root)
+    world = cfg.train.workers
+    rows_needed = iters_per_epoch(cfg, world, info) * cfg.data.batch_size * world
+    datasets = {name: train_stream(cfg, name, info, rows_needed) for name in stream_names(cfg)}
+    val_shards = fmt.list_shards(root, "val")
+    val = ray.data.from_items(
+        [{"path": path} for path in val_shards], override_num_blocks=max(1, len(val_shards))
+    )
+    val = val.map_batches(read_shards_in_order, batch_size=1, batch_format="numpy")
+    datasets["val"] = val.map_batches(
+        val_batch, batch_size=cfg.data.map_batch_rows, batch_format="numpy"
+    )
+    return datasets
+
+
+def train_stream(cfg: Any, stream: str, info: dict, rows_needed: int):
+    """One training stream ("labeled", "unlabeled" or "mix") as a Ray Dataset of augmented
+    numpy batches, covering at least ``rows_needed`` rows per execution (epoch)."""
+    import ray.data
+
+    part = STREAM_PART[stream]
+    plan = shard_plan(cfg.data.root, part, int(info["counts"][part]), rows_needed)
+    # one block per row group, in a new random order every epoch (every execution)
+    ds = ray.data.from_items(plan, override_num_blocks=len(plan)).randomize_block_order()
+    # Reads ask for less than a CPU so Ray Data does not fuse them into the augmentation
+    # tasks: fused, one task would take many row groups (the augmentation's batch size counts
+    # plan items there), and a small part would run on one CPU.
+    ds = ds.map_batches(read_row_groups, batch_size=1, batch_format="numpy", num_cpus=READ_CPUS)
+    return ds.map_batches(
+        BATCH_FUNCTIONS[stream],
+        fn_kwargs={"cfg": cfg.data},
+        batch_size=cfg.data.map_batch_rows,
+        batch_format="numpy",
+        num_cpus=1,
+    )
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size): torch.distributed if initialised, else Ray Train's context, else 0/1."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    try:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        return ctx.get_world_rank(), ctx.get_world_size()
+    except Exception:  # not inside a Ray Train worker
+        return 0, 1
+
+
+def iter_train_batches(
+    cfg: Any, epoch: int, datasets: dict[str, Any] | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Exactly ``iters_per_epoch(cfg, world)`` training batches for this worker.
+
+    Each dict holds the LABELED_KEYS, UNLABELED_KEYS and MIX_KEYS: uint8 images (B, 3, S, S),
+    uint8 masks / ignore / boxes (B, S, S). Inside Ray Train the streams come from
+    ``ray.train.get_dataset_shard``; ``datasets`` (e.g. ``build_datasets(cfg)``) overrides that.
+    """
+    rank, world = _world()
+    if datasets is None:
+        import ray.train
+
+        datasets = {name: ray.train.get_dataset_shard(name) for name in stream_names(cfg)}
+    steps = iters_per_epoch(cfg, world)
+    buffer = cfg.data.shuffle_buffer or None
+    iterators = {
+        name: iter(
+            datasets[name].iter_torch_batches(
+                batch_size=cfg.data.batch_size,
+                drop_last=True,
+                local_shuffle_buffer_size=buffer,
+                local_shuffle_seed=None
+                if buffer is None
+                else cfg.data.seed + 1000 * epoch + 10 * rank + STREAM_SEED_OFFSET[name],
+            )
+        )
+        for name in stream_names(cfg)
+    }
+    for step in range(steps):
+        batch: dict[str, torch.Tensor] = {}
+        for name, it in iterators.items():
+            try:
+                batch.update(expand_batch(next(it), cfg.data.crop_size))
+            except StopIteration:
+                raise RuntimeError(
+                    f"stream '{name}' ran dry at step {step + 1}/{steps} of epoch {epoch + 1} on "
+                    f"worker {rank}/{world}: build_datasets sized it for train.workers="
+                    f"{cfg.train.workers}; is that the number of workers running?"
+                ) from None
+        yield batch
+
+
+def to_device(raw: dict[str, torch.Tensor], device: Any, cfg: Any) -> dict[str, torch.Tensor]:
+    """uint8 batch -> device tensors: images float normalized with data.mean/std (optionally
+    channels_last), masks / ignore / boxes long."""
+    mean = torch.tensor(cfg.data.mean, device=device).view(1, 3, 1, 1) * augment.MAX_VALUE
+    std = torch.tensor(cfg.data.std, device=device).view(1, 3, 1, 1) * augment.MAX_VALUE
+    out = {}
+    for key, value in raw.items():
+        value = value.to(device, non_blocking=True)
+        if key.startswith("image_"):
+            value = (value.float() - mean) / std  # (B, 3, H, W)
+            if cfg.train.channels_last:
+                value = value.contiguous(memory_format=torch.channels_last)
+        else:
+            value = value.long()  # (B, H, W)
+        out[key] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def iter_val_samples(
+    cfg: Any, shard: str = "val", rank: int | None = None, world_size: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(image uint8 (3, H, W), mask uint8 (H, W)) for this worker's rows of ``shard``.
+
+    Rows are dealt round-robin over workers (rank, rank + world, ...), so together the workers
+    see every row exactly once. Reads Parquet with pyarrow: works with or without Ray.
+    """
+    if rank is None or world_size is None:
+        rank, world_size = _world()
+    index = 0
+    for path in fmt.list_shards(cfg.data.root, shard):
+        table = fmt.read_shard(path, ["id", "image", "mask"])
+        n = table.num_rows
+        mine = np.array([i for i in range(n) if (index + i) % world_size == rank], np.int64)
+        index += n
+        for row in table.take(mine).to_pylist():
+            if row["mask"] is None:
+                raise fmt.ShardError(f"{path}: row '{row['id']}' has no mask")
+            yield decode_image(row["image"]), decode_mask(row["mask"])

@@ -1,0 +1,189 @@
+"""``dssn train``, ``dssn eval`` and ``dssn predict``.
+
+    dssn train --config configs/digits.yaml [--workers N] [--gpus-per-worker G]
+               [--cpus-per-worker C] [--storage PATH] [--name NAME] [key=value ...]
+    dssn eval --checkpoint DIR|FILE.pth --data SHARDS [--mode M] [--out DIR]
+    dssn predict --checkpoint DIR --images DIR --out DIR
+
+Heavy imports (torch, Ray) happen inside the handlers so ``dssn --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+MODES = ("original", "center_crop", "sliding_window")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the train / eval / predict subcommands."""
+    p = sub.add_parser("train", help="train on Ray Train (local Ray, or RAY_ADDRESS's cluster)")
+    p.add_argument("--config", required=True, help="experiment YAML, e.g. configs/digits.yaml")
+    p.add_argument("--workers", type=int, help="train workers (train.workers)")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (train.gpus_per_worker)")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (train.cpus_per_worker)")
+    p.add_argument("--storage", help="where runs are stored (train.storage; path or URI)")
+    p.add_argument("--name", help="run name (train.name); the same name continues a run")
+    p.add_argument(
+        "--no-resume", action="store_true", help="refuse to continue an existing run of that name"
+    )
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.set_defaults(func=train_command)
+
+    p = sub.add_parser("eval", help="per-class IoU of a checkpoint's student and teacher")
+    _checkpoint_args(p)
+    p.add_argument("--data", required=True, help="Parquet shards root (its val/ part is used)")
+    p.add_argument("--mode", choices=MODES, help="inference mode (default: data.eval_mode)")
+    p.add_argument("--crop", type=int, help="window of center_crop / sliding_window")
+    p.add_argument("--out", help="directory for eval.csv / eval.md (default: beside the ckpt)")
+    p.set_defaults(func=eval_command)
+
+    p = sub.add_parser("predict", help="coloured masks and overlays for a folder of images")
+    _checkpoint_args(p)
+    p.add_argument("--images", required=True, help="folder of .png/.jpg images")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--model", choices=("teacher", "student"), default="teacher")
+    p.add_argument("--mode", choices=("original", "sliding_window"), default="original")
+    p.set_defaults(func=predict_command)
+
+
+def _checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a dssn checkpoint directory, or a reference best.pth/latest.pth (needs --config)",
+    )
+    p.add_argument("--config", help="config YAML (required for a reference .pth file)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def train_overrides(args: argparse.Namespace) -> list[str]:
+    """The flags as ``key=value`` overrides, after the positional ones (flags win)."""
+    out = list(args.overrides)
+    for flag, key in (
+        ("workers", "train.workers"),
+        ("gpus_per_worker", "train.gpus_per_worker"),
+        ("cpus_per_worker", "train.cpus_per_worker"),
+        ("storage", "train.storage"),
+        ("name", "train.name"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            out.append(f"{key}={value}")
+    return out
+
+
+def train_command(args: argparse.Namespace) -> int:
+    import ray
+
+    from dssn.config import load_config
+    from dssn.train.launcher import ensure_ray, fit, run_dir
+    from dssn.train.summary import summary_rows, summary_text, write_summary
+
+    cfg = load_config(args.config, train_overrides(args))
+    started = ensure_ray(cfg)
+    try:
+        result = fit(cfg, resume=not args.no_resume)
+    except FileExistsError as e:  # --no-resume and the run exists
+        print(f"dssn train: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # Ray wraps worker errors: show the cause, not a driver traceback
+        if type(e).__name__ not in ("TrainingFailedError", "WorkerGroupError", "ControllerError"):
+            raise
+        print(f"dssn train: the run failed: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if started:
+            ray.shutdown()
+    if result.metrics is None:
+        print("dssn train: no epoch finished, so there is nothing to summarise", file=sys.stderr)
+        return 1
+    rows = summary_rows(result.metrics, cfg)
+    print(summary_text(result.metrics, rows))
+    for path in write_summary(result.metrics, rows, run_dir(cfg)):
+        print(f"wrote {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from dssn.data.pipeline import iter_val_samples
+    from dssn.train.evaluate import evaluate
+    from dssn.train.inference import dataset_info, load_for_inference
+    from dssn.train.tables import class_names_for, iou_rows, to_text, write_tables
+
+    loaded = load_for_inference(args.checkpoint, args.config, args.overrides)
+    cfg = loaded.cfg
+    cfg.data.root = args.data
+    cfg.data.eval_mode = args.mode or cfg.data.eval_mode
+    cfg.data.eval_crop = args.crop or cfg.data.eval_crop
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    models = {name: m.to(device) for name, m in loaded.models.items()}
+    samples = iter_val_samples(cfg, shard="val", rank=0, world_size=1)  # every row, no Ray
+    results = evaluate(models, samples, cfg, device)
+    info = dataset_info(loaded)
+    names = class_names_for(cfg.model.num_classes, info)
+    rows = iou_rows(names, {name: r.iou for name, r in results.items()})
+    any_result = next(iter(results.values()))
+    print(f"{loaded.source}: {any_result.images} val images of {args.data}, mode "
+          f"{cfg.data.eval_mode}")  # fmt: skip
+    print(to_text(rows))
+    out = Path(args.out) if args.out else default_eval_dir(args.checkpoint, cfg.data.eval_mode)
+    paths = write_tables(rows, out, "eval")
+    summary = {
+        "checkpoint": loaded.source,
+        "data": args.data,
+        "mode": cfg.data.eval_mode,
+        "images": any_result.images,
+        **{f"{name}_miou": r.miou for name, r in results.items()},
+        **{f"{name}_iou": r.iou for name, r in results.items()},
+    }
+    (out / "eval.json").write_text(json.dumps(summary, indent=1))
+    for path in [*paths, out / "eval.json"]:
+        print(f"wrote {path}")
+    return 0
+
+
+def default_eval_dir(checkpoint: str, mode: str) -> Path:
+    """``<checkpoint dir>/eval-<mode>``, or ``<dir of file>/<stem>-eval-<mode>`` for a file."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        return path / f"eval-{mode}"
+    return path.parent / f"{path.stem}-eval-{mode}"
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    from dssn.train.inference import (
+        dataset_info,
+        list_images,
+        load_for_inference,
+        palette_for,
+        predict_folder,
+    )
+
+    loaded = load_for_inference(args.checkpoint, args.config, args.overrides)
+    if args.model not in loaded.models:
+        print(f"dssn predict: {loaded.source} holds no {args.model}; it has "
+              f"{sorted(loaded.models)}", file=sys.stderr)  # fmt: skip
+        return 2
+    palette = palette_for(loaded.cfg.model.num_classes, dataset_info(loaded))
+    images = list_images(args.images)
+    written = predict_folder(
+        loaded.models[args.model], images, args.out, loaded.cfg, palette, args.mode
+    )
+    print(f"{args.model} of {loaded.source}: {len(images)} images -> {len(written)} PNGs in "
+          f"{args.out}")  # fmt: skip
+    return 0

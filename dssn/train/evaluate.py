@@ -1,0 +1,176 @@
+"""Evaluation of segmentation models: inference modes and per-class IoU over a validation set.
+
+Modes (as the reference UniMatch/DSSN ``evaluate``):
+- ``original``: the whole image in one forward pass.
+- ``center_crop``: the central ``crop``×``crop`` window of image and mask.
+- ``sliding_window``: windows of ``crop`` pixels at a stride of ``int(crop · eval_stride)``
+  (2/3 in the reference), starting at 0 and stepping while the start is inside the image, so the
+  last windows are clipped at the border; the softmax of every window is summed into the full
+  image and the argmax taken.
+
+Several models (student and teacher) are evaluated in one pass over the data. Each worker
+evaluates its own share of the rows; the confusion matrices are all-reduced before IoU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dssn.config import Config
+from dssn.train.metrics import (
+    all_reduce_confusion,
+    confusion_matrix,
+    iou_per_class,
+    mean_iou,
+    pixel_accuracy,
+)
+
+
+@dataclass
+class EvalResult:
+    """One model's evaluation: the summed confusion matrix and what follows from it."""
+
+    confusion: torch.Tensor  # (C, C) int64, rows = target, columns = prediction
+    iou: list[float]  # per class; NaN where the class is neither present nor predicted
+    miou: float
+    accuracy: float
+    images: int  # images evaluated, over all workers
+
+
+def normalize(image: torch.Tensor, cfg: Config, device: torch.device) -> torch.Tensor:
+    """uint8 image (3, H, W) -> normalized float (1, 3, H, W) on ``device``."""
+    mean = torch.tensor(cfg.data.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.data.std, device=device).view(1, 3, 1, 1)
+    x = image.to(device=device, non_blocking=True).unsqueeze(0).float().div_(255.0)
+    x = (x - mean) / std
+    if cfg.train.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def center_crop(
+    image: torch.Tensor, mask: torch.Tensor | None, size: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Central ``size``×``size`` window of image (..., H, W) and mask (..., H, W); a side
+    shorter than ``size`` is kept whole."""
+    h, w = image.shape[-2:]
+    top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    image = image[..., top : top + size, left : left + size]
+    if mask is not None:
+        mask = mask[..., top : top + size, left : left + size]
+    return image, mask
+
+
+def window_starts(length: int, stride: int) -> list[int]:
+    """Window start offsets along one side: 0, stride, 2·stride, … while inside the side."""
+    if stride <= 0:
+        raise ValueError(f"sliding window stride must be positive, got {stride}")
+    return list(range(0, length, stride))
+
+
+def sliding_window_scores(
+    model: nn.Module, image: torch.Tensor, window: int, stride: int
+) -> torch.Tensor:
+    """Softmax of every window summed into the full image: (B, 3, H, W) -> (B, C, H, W)."""
+    _, _, h, w = image.shape
+    scores: torch.Tensor | None = None
+    for top in window_starts(h, stride):
+        for left in window_starts(w, stride):
+            patch = image[:, :, top : top + window, left : left + window]
+            prob = model(patch).float().softmax(dim=1)  # (B, C, h', w')
+            if scores is None:
+                scores = image.new_zeros((image.shape[0], prob.shape[1], h, w), dtype=prob.dtype)
+            scores[:, :, top : top + window, left : left + window] += prob
+    assert scores is not None  # h, w > 0, so at least one window ran
+    return scores
+
+
+def segment(
+    model: nn.Module,
+    image: torch.Tensor,
+    mode: str,
+    crop: int,
+    stride_ratio: float,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Predicted class ids for a normalized image (B, 3, H, W) under ``mode``.
+
+    Returns (pred (B, H', W') long, mask cropped the same way or None); H', W' differ from
+    H, W only for ``center_crop``.
+    """
+    if mode == "sliding_window":
+        stride = int(crop * stride_ratio)
+        return sliding_window_scores(model, image, crop, stride).argmax(dim=1), mask
+    if mode == "center_crop":
+        image, mask = center_crop(image, mask, crop)
+    elif mode != "original":
+        raise ValueError(f"unknown eval mode {mode!r}: expected original, center_crop, ...")
+    return model(image).argmax(dim=1), mask
+
+
+@contextmanager
+def eval_mode(models: Iterable[nn.Module]) -> Iterator[None]:
+    """Put models in eval mode and restore each one's previous mode afterwards (the teacher
+    trains in train mode, as the reference does, and must go back to it)."""
+    models = list(models)
+    previous = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        yield
+    finally:
+        for m, was_training in zip(models, previous, strict=True):
+            m.train(was_training)
+
+
+def autocast_for(cfg: Config, device: torch.device):
+    """bf16 autocast on CUDA when ``train.amp == 'bf16'``; a no-op elsewhere."""
+    if cfg.train.amp == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def evaluate(
+    models: dict[str, nn.Module],
+    samples: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    cfg: Config,
+    device: torch.device,
+    mode: str | None = None,
+) -> dict[str, EvalResult]:
+    """Evaluate each named model over ``samples`` in one pass.
+
+    samples: (image uint8 (3, H, W), mask uint8/long (H, W)) pairs, this worker's share.
+    mode: ``original`` | ``center_crop`` | ``sliding_window``; default ``cfg.data.eval_mode``;
+    the window is ``cfg.data.eval_crop`` (default ``cfg.data.crop_size``).
+    Confusion matrices are summed over workers when torch.distributed is initialised, so every
+    worker must call this (with its own shard) and gets the same result.
+    """
+    mode = mode or cfg.data.eval_mode
+    crop = cfg.data.eval_crop or cfg.data.crop_size
+    num_classes = cfg.model.num_classes
+    confusion = {
+        name: torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+        for name in models
+    }
+    images = torch.zeros((), dtype=torch.long, device=device)
+    with eval_mode(models.values()), autocast_for(cfg, device):
+        for image, mask in samples:
+            x = normalize(image, cfg, device)
+            target = mask.to(device).long().unsqueeze(0)  # (1, H, W)
+            for name, model in models.items():
+                pred, cropped = segment(model, x, mode, crop, cfg.data.eval_stride, target)
+                confusion[name] += confusion_matrix(pred, cropped, num_classes)
+            images += 1
+    images = int(all_reduce_confusion(images))
+    out = {}
+    for name, matrix in confusion.items():
+        matrix = all_reduce_confusion(matrix).cpu()
+        ious = iou_per_class(matrix)
+        out[name] = EvalResult(matrix, ious, mean_iou(ious), pixel_accuracy(matrix), images)
+    return out

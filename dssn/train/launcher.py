@@ -1,0 +1,211 @@
+"""The driver: build the TorchTrainer for a Config and run it.
+
+    result = fit(cfg)   # ray.train.Result; result.metrics = the last epoch's report
+
+On one machine it starts a local Ray; with ``RAY_ADDRESS`` set (or Ray already initialised) it
+uses that cluster. A run lives in ``<train.storage>/<name>``; running ``fit`` again with the same
+name and storage continues it: Ray Train V2 finds the run's checkpoint-manager snapshot there
+and hands the latest checkpoint to the workers through ``ray.train.get_checkpoint()``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from dssn.config import Config, ConfigError, from_dict
+
+# Ray Data runs its read / decode / augment tasks beside the train workers; with no CPU left
+# for them it waits forever (Ray 2.60), so at least this many must stay free.
+MIN_FREE_DATA_CPUS = 1
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray processes' State API clients go
+CONFIG_FILE = "config.yaml"
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # written by Ray Train V2 in the run dir
+
+
+def run_name(cfg: Config) -> str:
+    """``train.name``, else the experiment's ``name``."""
+    return cfg.train.name or cfg.name
+
+
+def storage_path(cfg: Config) -> str:
+    """Absolute storage path (Ray needs one), or the URI as given (s3://, gs://)."""
+    if "://" in cfg.train.storage:
+        return cfg.train.storage.rstrip("/")
+    return str(Path(cfg.train.storage).expanduser().absolute())
+
+
+def run_dir(cfg: Config) -> str:
+    """Where the run's checkpoints, config and results go."""
+    return f"{storage_path(cfg)}/{run_name(cfg)}"
+
+
+def _fs(path: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), path
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else str(Path(path).expanduser().absolute())
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """A copy of ``cfg`` whose local paths are absolute: Ray workers run in another working
+    directory, where ``shards/digits`` would name nothing."""
+    data = cfg.to_dict()
+    data["data"]["root"] = _absolute(cfg.data.root)
+    data["train"]["storage"] = storage_path(cfg)
+    pretrained = cfg.model.pretrained
+    if pretrained and pretrained != "imagenet":
+        data["model"]["pretrained"] = _absolute(pretrained)
+    return from_dict(data, where="config with absolute paths")
+
+
+def run_exists(cfg: Config) -> bool:
+    """Whether ``run_dir(cfg)`` holds a Ray Train snapshot (a run that can be continued)."""
+    fs, path = _fs(run_dir(cfg))
+    return fs.get_file_info(f"{path}/{SNAPSHOT_FILE}").type == pafs.FileType.File
+
+
+def save_config(cfg: Config) -> str:
+    """Write the resolved config as ``<run_dir>/config.yaml``; return its path."""
+    fs, path = _fs(run_dir(cfg))
+    fs.create_dir(path, recursive=True)
+    with fs.open_output_stream(f"{path}/{CONFIG_FILE}") as f:
+        f.write(cfg.to_yaml().encode())
+    return f"{run_dir(cfg)}/{CONFIG_FILE}"
+
+
+def train_cpus(cfg: Config) -> float:
+    return cfg.train.workers * cfg.train.cpus_per_worker
+
+
+def ensure_ray(cfg: Config) -> bool:
+    """Connect to Ray: the running one, ``RAY_ADDRESS``'s cluster, or a new local instance.
+
+    A local instance gets enough logical CPUs for the train workers plus
+    ``MIN_FREE_DATA_CPUS`` for Ray Data (logical CPUs may exceed the cores). Returns True when
+    this call started Ray (the caller then shuts it down).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()  # joins the cluster named by RAY_ADDRESS
+        return True
+    cores = os.cpu_count() or 1
+    start_local_ray(max(cores, math.ceil(train_cpus(cfg) + MIN_FREE_DATA_CPUS)))
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_local_ray(num_cpus: int, **kwargs) -> None:
+    """A local Ray instance whose State API its own processes find.
+
+    Ray Train's placement-group cleaner asks the State API (served by the dashboard, from
+    ``ray[default]``) whether the Train controller still lives. Left to auto-detect "the" local
+    cluster, it fails when several Ray instances run on the machine ("Found multiple active
+    Ray instances") or asks the wrong one. So the dashboard gets a known port and
+    ``RAY_API_SERVER_ADDRESS`` names it in the environment the Ray processes inherit.
+    """
+    import ray
+
+    port = free_port()
+    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    # Ray Data's progress bars, streamed from every worker to the driver, drown the training
+    # log lines (which report images/s and data wait); set it to 0 to see them
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_port=port, **kwargs)
+
+
+def check_resources(cfg: Config) -> None:
+    """Fail early, with the fix, when the cluster cannot run the workers and Ray Data."""
+    import ray
+
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    if cpus - train_cpus(cfg) < MIN_FREE_DATA_CPUS:
+        raise ConfigError(
+            f"train.workers={cfg.train.workers} × train.cpus_per_worker="
+            f"{cfg.train.cpus_per_worker} leaves {cpus - train_cpus(cfg):g} of the cluster's "
+            f"{cpus:g} CPUs for Ray Data, which needs at least {MIN_FREE_DATA_CPUS} or waits "
+            "forever: lower train.cpus_per_worker (e.g. 0.5; threads_per_worker sets torch "
+            "threads) or add CPUs"
+        )
+    need_gpus = cfg.train.workers * cfg.train.gpus_per_worker
+    if need_gpus > gpus:
+        raise ConfigError(
+            f"train.workers={cfg.train.workers} × train.gpus_per_worker="
+            f"{cfg.train.gpus_per_worker} needs {need_gpus:g} GPUs; the cluster has {gpus:g}"
+        )
+
+
+def build_trainer(cfg: Config):
+    """The TorchTrainer for ``cfg`` (datasets from ``build_datasets``)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from dssn.data.pipeline import TRAIN_STREAMS, build_datasets
+    from dssn.train.loop import train_loop_per_worker
+
+    cfg = resolve_paths(cfg)
+    use_gpu = cfg.train.gpus_per_worker > 0
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = cfg.train.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg.to_dict(),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name(cfg),
+            storage_path=storage_path(cfg),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=max(1, cfg.train.keep_checkpoints),
+                # the best epoch's checkpoint is kept by score; the latest is always kept
+                checkpoint_score_attribute="teacher_miou",
+                checkpoint_score_order="max",
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+        # the workers read val rows themselves (iter_val_samples), so only the training
+        # streams go to Ray Train (each gets a streaming split coordinator)
+        datasets={k: v for k, v in build_datasets(cfg).items() if k in TRAIN_STREAMS},
+    )
+
+
+def fit(cfg: Config, *, resume: bool = True):
+    """Run (or continue) the training run of ``cfg``; return the ``ray.train.Result``.
+
+    resume=False refuses to touch an existing run of the same name and storage.
+    """
+    if not resume and run_exists(cfg):
+        raise FileExistsError(
+            f"{run_dir(cfg)} already holds a run: pass another train.name / --name, remove "
+            "it, or resume it"
+        )
+    cfg = resolve_paths(cfg)
+    continuing = run_exists(cfg)
+    ensure_ray(cfg)
+    check_resources(cfg)
+    config_path = save_config(cfg)
+    verb = "continuing" if continuing else "starting"
+    print(f"dssn: {verb} run {run_dir(cfg)} (config: {config_path})", flush=True)
+    result = build_trainer(cfg).fit()
+    print(f"dssn: results in {run_dir(cfg)}", flush=True)
+    if result.checkpoint is not None:
+        print(f"dssn: latest checkpoint {result.checkpoint.path}", flush=True)
+    return result

@@ -1,0 +1,263 @@
+"""The per-worker training loop that Ray Train's TorchTrainer runs on every worker.
+
+    train_loop_per_worker(cfg.to_dict())
+
+Per epoch: ``iters_per_epoch`` DSSN steps (SGD, poly decay after each step, EMA update), a log
+line every ``train.log_every`` steps, evaluation of student and teacher every ``eval_every``
+epochs (and after the last), then one ``ray.train.report`` per worker with the epoch's metrics;
+rank 0 attaches the checkpoint. A run resumes from ``ray.train.get_checkpoint()``.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from dssn.config import Config, from_dict
+from dssn.data.format import read_dataset_info
+from dssn.data.pipeline import iter_train_batches, iter_val_samples, iters_per_epoch, to_device
+from dssn.method import step
+from dssn.train.evaluate import autocast_for, evaluate
+from dssn.train.faults import FaultInjector
+from dssn.train.meter import MetricMeter, image_count
+from dssn.train.schedule import BACKBONE, set_poly_lr
+from dssn.train.setup import Networks, build_networks, worker_threads
+from dssn.train.state import TrainState, gather_rng, restore_run, save_run
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss was NaN or infinite and ``train.nan_policy`` is ``error``."""
+
+
+def all_finite(loss: torch.Tensor, world_size: int) -> bool:
+    """Whether the loss is finite on every worker (so all workers take the same decision)."""
+    ok = torch.isfinite(loss.detach()).float()
+    if world_size > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def log(rank: int, message: str) -> None:
+    """A progress line from rank 0. Written to stdout directly: Ray Train V2 patches ``print``
+    in workers to also copy it to a logger, which shows every line twice on the driver."""
+    if rank == 0:
+        sys.stdout.write(message + "\n")
+        sys.stdout.flush()
+
+
+def train_one_epoch(
+    cfg: Config,
+    nets: Networks,
+    state: TrainState,
+    epoch: int,
+    total_iters: int,
+    faults: FaultInjector,
+    device: torch.device,
+    rank: int,
+    world_size: int,
+) -> dict[str, float]:
+    """One epoch of DSSN steps on this worker; returns the epoch's metrics (all workers)."""
+    meter = MetricMeter(device)
+    per_epoch = total_iters // cfg.train.epochs
+    batches = iter(iter_train_batches(cfg, epoch))
+    start = last_log = time.perf_counter()
+    data_wait = window_wait = first_wait = 0.0
+    i = 0
+    while True:
+        t0 = time.perf_counter()
+        try:
+            raw = next(batches)
+        except StopIteration:
+            break
+        waited = time.perf_counter() - t0
+        data_wait += waited
+        window_wait += waited
+        if i == 0:
+            first_wait = waited  # the pipeline's start-up, paid once per epoch
+        faults.maybe_die(state.iteration)
+        batch = to_device(raw, device, cfg)
+        with autocast_for(cfg, device):
+            loss, metrics = step(
+                nets.student, nets.teacher, batch, cfg, iteration=state.iteration, epoch=epoch
+            )
+        loss = faults.maybe_nan(loss, state.iteration)
+        nets.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if all_finite(loss, world_size):
+            nets.optimizer.step()
+            nets.ema.update(nets.module)
+            meter.add(metrics, loss, image_count(batch))
+        elif cfg.train.nan_policy == "error":
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss.item()}) at epoch {epoch + 1}/{cfg.train.epochs}, "
+                f"step {i + 1}/{per_epoch} of the epoch (global iteration {state.iteration}); "
+                f"train.nan_policy=error stops the run here without writing a checkpoint, so "
+                f"the last good checkpoint (epoch {state.epoch}) is unchanged"
+            )
+        else:  # skip: no update, no EMA step; the schedule still advances
+            state.nan_skipped += 1
+            meter.skip(image_count(batch))
+            log(
+                rank,
+                f"epoch {epoch + 1} step {i + 1}: non-finite loss, update skipped "
+                f"({state.nan_skipped} so far)",
+            )
+        lr = set_poly_lr(nets.optimizer, state.iteration, total_iters, cfg.optim.poly_power)
+        state.iteration += 1
+        i += 1
+        if i % cfg.train.log_every == 0 and rank == 0:
+            now = time.perf_counter()
+            window = meter.window_means()  # the only host sync of the metrics
+            rate = meter.window_images * world_size / max(now - last_log, 1e-9)
+            parts = " ".join(f"{k} {v:.4g}" for k, v in window.items())
+            log(
+                rank,
+                f"epoch {epoch + 1}/{cfg.train.epochs} step {i}/{per_epoch} "
+                f"(iter {state.iteration}) {parts} lr {lr:.3g} img/s {rate:.1f} "
+                f"data_wait {window_wait / max(now - last_log, 1e-9):.1%}",
+            )
+            meter.reset_window()
+            last_log, window_wait = now, 0.0
+    elapsed = time.perf_counter() - start
+    out = meter.epoch_means(world_size)
+    out["images_per_s"] = meter.total_images * world_size / max(elapsed, 1e-9)
+    out["data_wait"] = data_wait / max(elapsed, 1e-9)
+    # steady state: without the first batch's wait (the pipeline starting up)
+    out["data_wait_steady"] = (data_wait - first_wait) / max(elapsed - first_wait, 1e-9)
+    out["first_batch_s"] = first_wait
+    out["images_per_s_steady"] = meter.total_images * world_size / max(elapsed - first_wait, 1e-9)
+    out["epoch_time_s"] = elapsed
+    out["steps"] = i
+    out["lr"] = nets.optimizer.param_groups[BACKBONE]["lr"]
+    return out
+
+
+def evaluate_epoch(cfg: Config, nets: Networks, device: torch.device) -> dict[str, Any]:
+    """Student and teacher (each in eval mode, then back) over this worker's val rows."""
+    results = evaluate(
+        {"student": nets.module, "teacher": nets.teacher},
+        iter_val_samples(cfg, shard="val"),
+        cfg,
+        device,
+    )
+    return results
+
+
+def epoch_report(state: TrainState, train: dict[str, float], evaluated: bool) -> dict[str, Any]:
+    """The metrics reported to Ray for one epoch (final_* = this epoch's evaluation)."""
+    return {
+        "epoch": state.epoch,
+        "iteration": state.iteration,
+        "teacher_miou": state.teacher_miou,
+        "student_miou": state.student_miou,
+        "final_teacher_miou": state.teacher_miou,
+        "final_student_miou": state.student_miou,
+        "best_teacher_miou": state.best_teacher_miou,
+        "best_student_miou": state.best_student_miou,
+        "best_epoch": state.best_epoch,
+        "teacher_iou": state.teacher_iou,
+        "student_iou": state.student_iou,
+        "best_teacher_iou": state.best_teacher_iou,
+        "evaluated": evaluated,
+        "evaluated_epoch": state.evaluated_epoch,
+        "nan_skipped": state.nan_skipped,
+        "restarts": state.restarts,
+        **train,
+    }
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker entry point. ``config``: a Config as a dict (``cfg.to_dict()``)."""
+    cfg = from_dict(config, where="train_loop_per_worker config")
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(worker_threads(cfg))
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL object collectives use the current device
+    if cfg.train.amp == "bf16" and device.type != "cuda":
+        log(rank, "train.amp=bf16 applies on CUDA only; this CPU run uses float32")
+    nets = build_networks(cfg, device, world_size)
+    torch.manual_seed(cfg.train.seed + rank)  # distinct dropout streams per worker
+
+    state = TrainState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = restore_run(directory, nets, cfg, rank, world_size)
+        log(
+            rank,
+            f"resumed from {checkpoint.path}: epoch {state.epoch}, iteration "
+            f"{state.iteration} (restart {state.restarts})",
+        )
+    resumed_from = state.iteration
+    dataset = read_dataset_info(cfg.data.root) if rank == 0 else None
+    faults = FaultInjector(cfg, rank, world_size, ctx.get_storage())
+    total_iters = cfg.train.epochs * iters_per_epoch(cfg, world_size)
+    if state.epoch >= cfg.train.epochs:
+        log(rank, f"run already complete ({state.epoch} epochs): nothing to do")
+
+    for epoch in range(state.epoch, cfg.train.epochs):
+        train = train_one_epoch(
+            cfg, nets, state, epoch, total_iters, faults, device, rank, world_size
+        )
+        state.epoch = epoch + 1
+        evaluated = state.epoch % cfg.train.eval_every == 0 or state.epoch == cfg.train.epochs
+        if evaluated:
+            res = evaluate_epoch(cfg, nets, device)
+            state.record_eval(
+                state.epoch, res["teacher"].iou, res["student"].iou,
+                res["teacher"].miou, res["student"].miou,
+            )  # fmt: skip
+        metrics = epoch_report(state, train, evaluated)
+        metrics["resumed_from_iteration"] = resumed_from
+        log(
+            rank,
+            f"epoch {state.epoch}/{cfg.train.epochs} done: teacher mIoU "
+            f"{state.teacher_miou:.4f} student mIoU {state.student_miou:.4f} (best teacher "
+            f"{state.best_teacher_miou:.4f} at epoch {state.best_epoch}), "
+            f"{train['images_per_s']:.1f} img/s, data wait {train['data_wait']:.1%}",
+        )
+        report(metrics, nets, state, cfg, rank, world_size, dataset)
+
+
+def checkpoint_dir_name(epoch: int) -> str:
+    """Deterministic per epoch: a directory a killed attempt left half-registered is simply
+    rewritten when the resumed run redoes that epoch."""
+    return f"checkpoint_epoch_{epoch:04d}"
+
+
+def report(
+    metrics: dict[str, Any],
+    nets: Networks,
+    state: TrainState,
+    cfg: Config,
+    rank: int,
+    world_size: int,
+    dataset: dict[str, Any] | None,
+) -> None:
+    """Report the epoch to Ray (rank 0 with the checkpoint) and wait until it is committed.
+
+    Ray Train registers a reported checkpoint asynchronously: a worker killed right after
+    ``report`` can make the restart miss it (Ray 2.60 then restarts from the one before). So
+    every worker waits here until the controller has committed it.
+    """
+    rng = gather_rng(world_size)  # a collective: before rank 0 goes its own way
+    name = checkpoint_dir_name(state.epoch)
+    if rank == 0:
+        with tempfile.TemporaryDirectory(prefix="dssn-ckpt-") as tmp:
+            save_run(tmp, nets, state, cfg, rng, dataset=dataset, metrics=metrics)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+    else:
+        ray.train.report(metrics, checkpoint_dir_name=name)
+    ray.train.get_all_reported_checkpoints(
+        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED
+    )

@@ -1,0 +1,83 @@
+"""Per-class IoU tables (text, Markdown, CSV) for ``dssn train`` summaries and ``dssn eval``.
+
+Values are IoU in percent with one decimal, as segmentation papers print them; a class with no
+IoU (absent from both target and prediction) shows ``-``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+
+from dssn.train.metrics import mean_iou
+
+MISSING = "-"
+
+
+def _pct(value: float) -> str:
+    return MISSING if value is None or math.isnan(value) else f"{100 * value:.1f}"
+
+
+def iou_rows(class_names: list[str], columns: dict[str, list[float]]) -> list[list[str]]:
+    """Header row + one row per class + an mIoU row. columns: name -> per-class IoU (0..1)."""
+    for name, values in columns.items():
+        if len(values) != len(class_names):
+            raise ValueError(
+                f"column {name!r} has {len(values)} values for {len(class_names)} classes"
+            )
+    rows = [["class", *columns]]
+    for i, cls in enumerate(class_names):
+        rows.append([cls, *(_pct(v[i]) for v in columns.values())])
+    rows.append(["mIoU", *(_pct(mean_iou(v)) for v in columns.values())])
+    return rows
+
+
+def to_text(rows: list[list[str]]) -> str:
+    """Aligned plain-text table (first column left, numbers right)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for j, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
+        ]
+        lines.append("  ".join(cells))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def to_markdown(rows: list[list[str]]) -> str:
+    """GitHub Markdown table."""
+    head, *body = rows
+    lines = [
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
+    ]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(lines)
+
+
+def to_csv(rows: list[list[str]]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+def write_tables(rows: list[list[str]], out_dir: str | Path, stem: str) -> list[Path]:
+    """Write ``<stem>.csv`` and ``<stem>.md`` into ``out_dir``; return their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{stem}.csv", out_dir / f"{stem}.md"]
+    paths[0].write_text(to_csv(rows))
+    paths[1].write_text(to_markdown(rows) + "\n")
+    return paths
+
+
+def class_names_for(num_classes: int, info: dict | None) -> list[str]:
+    """Class names from a dataset.json dict when it matches ``num_classes``, else numbers."""
+    names = (info or {}).get("classes")
+    if isinstance(names, list) and len(names) == num_classes:
+        return [str(n) for n in names]
+    return [str(i) for i in range(num_classes)]

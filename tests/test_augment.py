@@ -1,0 +1,215 @@
+"""Augmentation invariants (alignment, padding -> ignore, boxes, seeding) and agreement of
+the tensor ops with the PIL operations of the reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+
+from dssn.config import DataConfig
+from dssn.data import augment as A
+
+CROP = 48
+
+
+def cfg(**kw) -> DataConfig:
+    return DataConfig(crop_size=CROP, **kw)
+
+
+def blocks_image(h: int, w: int, block: int = 16, seed: int = 0):
+    """A mask of constant blocks and an image whose pixels encode it (R = 10 * class + 5)."""
+    rng = np.random.default_rng(seed)
+    grid = rng.integers(0, 21, (h // block + 1, w // block + 1), dtype=np.uint8)
+    mask = np.kron(grid, np.ones((block, block), np.uint8))[:h, :w]
+    image = np.stack([mask * 10 + 5, np.full_like(mask, 77), 255 - mask * 10])
+    return torch.from_numpy(image.copy()), torch.from_numpy(mask.copy())
+
+
+def smooth_image(h: int, w: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    small = torch.randint(0, 256, (3, h // 8, w // 8), dtype=torch.uint8, generator=g)
+    return TF.resize(small, [h, w], antialias=True)
+
+
+def to_pil(x: torch.Tensor) -> Image.Image:
+    return Image.fromarray(x.permute(1, 2, 0).numpy())
+
+
+def from_pil(im: Image.Image) -> np.ndarray:
+    return np.array(im).transpose(2, 0, 1).astype(np.float32)
+
+
+def as_float(x: torch.Tensor) -> np.ndarray:
+    """The colour ops' input: float32 numpy (3, H, W)."""
+    return x.numpy().astype(np.float32)
+
+
+@pytest.mark.parametrize("size", [(40, 56), (70, 90)])  # crops with padding, and without
+def test_labeled_image_and_mask_stay_aligned(size):
+    image, mask = blocks_image(*size)
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        out_image, out_mask = A.augment_labeled(image, mask, cfg(), rng)
+        assert out_image.shape == (3, CROP, CROP) and out_mask.shape == (CROP, CROP)
+        assert out_image.dtype == out_mask.dtype == torch.uint8
+        m = out_mask.long()
+        # interior pixels (5x5 neighbourhood of one class): the image encodes the same class
+        padded = torch.nn.functional.pad(m[None, None].float(), (2, 2, 2, 2), value=-1)
+        lo = -torch.nn.functional.max_pool2d(-padded, 5, 1)[0, 0]
+        hi = torch.nn.functional.max_pool2d(padded, 5, 1)[0, 0]
+        interior = (lo == hi) & (m != 255)
+        assert interior.sum() > 50
+        red = out_image[0].long()[interior]
+        assert (red - (m[interior] * 10 + 5)).abs().max() <= 1
+        assert (out_image[1].long()[interior] - 77).abs().max() <= 1
+        padding = m == 255
+        assert (out_image[:, padding] == 0).all()
+    # the same 30 seeds exercise both flipped and unflipped crops
+    flips = {
+        bool(A.sample_geometry(*size, CROP, cfg(), np.random.default_rng(s))["flip"])
+        for s in range(30)
+    }
+    assert flips == {True, False}
+
+
+def test_geometry_matches_pil_resize_pad_crop():
+    image = smooth_image(75, 100)
+    pil = to_pil(image)
+    for out_w, out_h in [(180, 135), (60, 45), (101, 76)]:
+        top, left = min(7, max(out_h, CROP) - CROP), min(9, max(out_w, CROP) - CROP)
+        geo = {"out_h": out_h, "out_w": out_w, "top": top, "left": left, "flip": False}
+        ours, _ = A.apply_geometry(image, None, geo, CROP, 254)
+        ref = pil.resize((out_w, out_h), Image.BILINEAR)
+        ref = ImageOps.expand(ref, (0, 0, max(0, CROP - out_w), max(0, CROP - out_h)), fill=0)
+        ref = from_pil(ref.crop((left, top, left + CROP, top + CROP)))
+        assert np.abs(ours.numpy() - ref).max() <= 1
+
+
+def test_nearest_mask_matches_pil():
+    rng = np.random.default_rng(3)
+    mask = torch.from_numpy(rng.integers(0, 21, (30, 40), dtype=np.uint8))
+    geo = {"out_h": 75, "out_w": 100, "top": 5, "left": 11, "flip": False}
+    _, ours = A.apply_geometry(torch.zeros(3, 30, 40, dtype=torch.uint8), mask, geo, CROP, 255)
+    ref = Image.fromarray(mask.numpy()).resize((100, 75), Image.NEAREST)
+    ref = np.asarray(ref)[5 : 5 + CROP, 11 : 11 + CROP]
+    assert np.array_equal(ours.numpy(), ref)
+
+
+def test_unlabeled_padding_becomes_ignore():
+    image = smooth_image(24, 32).clamp(min=1)  # no real pixel is 0, so 0 means padding
+    for seed in range(10):
+        views = A.augment_unlabeled(image, cfg(scale_range=[0.5, 1.0]), np.random.default_rng(seed))
+        padding = (views["weak"] == 0).all(0)
+        assert padding.any()  # a 32 px image scaled <= 1x never fills a 48 px crop
+        assert torch.equal(views["ignore"] == 255, padding)
+        assert set(views["ignore"].unique().tolist()) <= {0, 255}
+    mask = torch.tensor([[254, 0], [3, 254]], dtype=torch.uint8)
+    assert A.ignore_from_mask(mask).tolist() == [[255, 0], [0, 255]]
+
+
+def test_labeled_padding_is_255():
+    image, mask = blocks_image(20, 24)
+    _, out_mask = A.augment_labeled(
+        image, mask, cfg(scale_range=[1.0, 1.0]), np.random.default_rng(0)
+    )
+    assert (out_mask == 255).sum() == CROP * CROP - 20 * 24
+
+
+def test_strong_views_differ_from_weak_and_each_other():
+    image = smooth_image(64, 64)
+    differ_weak = differ_pair = 0
+    for seed in range(20):
+        views = A.augment_unlabeled(image, cfg(), np.random.default_rng(seed))
+        assert all(views[k].shape == (3, CROP, CROP) for k in ("weak", "strong1", "strong2"))
+        differ_weak += not torch.equal(views["strong1"], views["weak"])
+        differ_pair += not torch.equal(views["strong1"], views["strong2"])
+    # a strong view equals the weak one only if no jitter, grey, blur and 'identity' came up
+    assert differ_weak >= 19 and differ_pair >= 19
+
+
+def test_strong_view_applies_the_configured_ops():
+    image = smooth_image(32, 32)
+    counts = []
+    for seed in range(50):
+        log: list[str] = []
+        A.strong_view(image, cfg(), np.random.default_rng(seed), log)
+        random_ops = [op for op in log if op in A.OP_NAMES]
+        assert 1 <= len(random_ops) <= 3
+        counts.append(len(random_ops))
+        assert set(log) <= set(A.OP_NAMES) | {"color_jitter", "random_grayscale", "random_blur"}
+    assert set(counts) == {1, 2, 3}
+    none = cfg(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, strong_ops_max=1)
+    log = []
+    A.strong_view(image, none, np.random.default_rng(0), log)
+    assert len(log) == 1
+
+
+def test_cutmix_boxes_inside_crop_with_area_2_to_40_percent():
+    always = cfg(cutmix_p=1.0)
+    fractions = []
+    for seed in range(300):
+        box = A.cutmix_box(CROP, always, np.random.default_rng(seed))
+        ys, xs = torch.nonzero(box, as_tuple=True)
+        h, w = int(ys.max() - ys.min() + 1), int(xs.max() - xs.min() + 1)
+        assert int(box.sum()) == h * w  # one filled rectangle, inside the crop
+        fractions.append(h * w / CROP**2)
+    # widths/heights are floored as in the reference, which can take a box just under 2%
+    floor_slack = 2 * np.sqrt(0.02) * (1 / np.sqrt(0.3)) / CROP
+    assert min(fractions) >= 0.02 - floor_slack and max(fractions) <= 0.4
+    assert np.mean(fractions) == pytest.approx(0.21, abs=0.03)
+    never = [
+        A.cutmix_box(CROP, cfg(cutmix_p=0.0), np.random.default_rng(s)).sum() for s in range(20)
+    ]
+    assert all(n == 0 for n in never)
+    half = sum(
+        int(A.cutmix_box(CROP, cfg(), np.random.default_rng(s)).sum() > 0) for s in range(400)
+    )
+    assert 160 < half < 240
+
+
+def test_same_seed_same_output():
+    image, mask = blocks_image(50, 60)
+    a = A.augment_unlabeled(image, cfg(), np.random.default_rng(11))
+    b = A.augment_unlabeled(image, cfg(), np.random.default_rng(11))
+    c = A.augment_unlabeled(image, cfg(), np.random.default_rng(12))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    la = A.augment_labeled(image, mask, cfg(), np.random.default_rng(5))
+    lb = A.augment_labeled(image, mask, cfg(), np.random.default_rng(5))
+    assert torch.equal(la[0], lb[0]) and torch.equal(la[1], lb[1])
+
+
+# the tensor ops against the PIL / torchvision operations the reference uses
+PIL_OPS = [
+    ("brightness", lambda x: A.brightness(x, 0.3), lambda p: ImageEnhance.Brightness(p).enhance(0.3)),
+    ("contrast", lambda x: A.contrast(x, 0.3), lambda p: ImageEnhance.Contrast(p).enhance(0.3)),
+    ("color", lambda x: A.saturation(x, 0.3), lambda p: ImageEnhance.Color(p).enhance(0.3)),
+    ("sharpness", lambda x: A.sharpness(x, 0.3), lambda p: ImageEnhance.Sharpness(p).enhance(0.3)),
+    ("autocontrast", A.autocontrast, ImageOps.autocontrast),
+    ("equalize", A.equalize, ImageOps.equalize),
+    ("posterize", lambda x: A.posterize(x, 5), lambda p: ImageOps.posterize(p, 5)),
+    ("solarize", lambda x: A.solarize(x, 100), lambda p: ImageOps.solarize(p, 100)),
+    ("grayscale", A.grayscale, lambda p: p.convert("L").convert("RGB")),
+    ("blur", lambda x: A.gaussian_blur(x, 1.5), lambda p: p.filter(ImageFilter.GaussianBlur(1.5))),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, ours, reference", PIL_OPS, ids=[o[0] for o in PIL_OPS])
+def test_ops_match_pil(name, ours, reference):
+    image = smooth_image(64, 64, seed=4)
+    diff = np.abs(ours(as_float(image)) - from_pil(reference(to_pil(image))))
+    # PIL rounds to uint8 inside its ops; its blur is a box-filter approximation
+    assert diff.max() <= (2 if name == "blur" else 1.5)
+    assert diff.mean() <= (0.5 if name == "blur" else 0.7)
+
+
+@pytest.mark.parametrize("shift", [-0.45, -0.1, 0.2, 0.5])
+def test_hue_matches_torchvision(shift):
+    image = smooth_image(64, 64, seed=5)
+    ours = A.hue(as_float(image), shift)
+    reference = TF.adjust_hue(image, shift).numpy()
+    # hue quantised to 1/256 of a sextant: at most chroma / 256 * 6 ~ 1.5 grey levels off
+    assert np.abs(ours - reference).max() <= 2 and np.abs(ours - reference).mean() < 0.2

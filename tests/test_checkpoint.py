@@ -1,0 +1,119 @@
+"""The checkpoint directory format: round trip without Ray, weights_only, clear mismatch errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from dssn.config import Config
+from dssn.model import build_model
+from dssn.train import checkpoint as ckpt
+from dssn.train.schedule import build_optimizer
+
+
+def tiny_config(**model) -> Config:
+    cfg = Config()
+    cfg.model.backbone = "tiny"
+    cfg.model.width = 8
+    cfg.model.num_classes = 3
+    for key, value in model.items():
+        setattr(cfg.model, key, value)
+    return cfg
+
+
+def _save(tmp_path, cfg):
+    student = build_model(cfg.model)
+    teacher = copy.deepcopy(student)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(1.0)  # distinguishable from the student
+    opt = build_optimizer(student, cfg.optim)
+    student(torch.randn(2, 3, 32, 32)).mean().backward()
+    opt.step()  # momentum buffers in the optimizer state
+    state = {"epoch": 3, "iteration": 30, "best_teacher_miou": 0.5, "config": cfg.to_dict()}
+    ckpt.save_checkpoint(
+        tmp_path / "ck", student=student, teacher=teacher, optimizer=opt, state=state,
+        rng=[ckpt.capture_rng()],
+    )  # fmt: skip
+    return student, teacher, opt
+
+
+def test_round_trip_with_weights_only(tmp_path):
+    cfg = tiny_config()
+    student, teacher, opt = _save(tmp_path, cfg)
+    d = tmp_path / "ck"
+    assert sorted(p.name for p in d.iterdir()) == [
+        "model.pt", "optimizer.pt", "rng.pt", "state.json", "teacher.pt",
+    ]  # fmt: skip
+    for name in ("model.pt", "teacher.pt", "optimizer.pt", "rng.pt"):
+        torch.load(d / name, weights_only=True)  # no pickle of arbitrary objects anywhere
+    state = json.loads((d / "state.json").read_text())
+    assert state["epoch"] == 3 and state["iteration"] == 30 and state["format_version"] == 1
+    assert ckpt.read_config(d).model.backbone == "tiny"
+
+    fresh_student, fresh_teacher = build_model(cfg.model), build_model(cfg.model)
+    ckpt.load_model_weights(fresh_student, d, ckpt.MODEL)
+    ckpt.load_model_weights(fresh_teacher, d, ckpt.TEACHER)
+    for a, b in zip(
+        fresh_student.state_dict().values(), student.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b)
+    for a, b in zip(
+        fresh_teacher.state_dict().values(), teacher.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b)
+    opt2 = build_optimizer(fresh_student, cfg.optim)
+    opt2.load_state_dict(ckpt.load_file(d / ckpt.OPTIMIZER))
+    assert opt2.state_dict()["state"][0]["momentum_buffer"].shape == (
+        opt.state_dict()["state"][0]["momentum_buffer"].shape
+    )
+
+
+def test_ddp_wrapper_is_unwrapped(tmp_path):
+    cfg = tiny_config()
+    model = build_model(cfg.model)
+
+    class Wrapper(torch.nn.Module):  # what DDP looks like: the network under .module
+        def __init__(self, m):
+            super().__init__()
+            self.module = m
+
+    state = {"epoch": 0, "iteration": 0, "config": cfg.to_dict()}
+    ckpt.save_checkpoint(
+        tmp_path, student=Wrapper(model), teacher=model, optimizer=None, state=state
+    )
+    assert not any(k.startswith("module.") for k in torch.load(tmp_path / "model.pt"))
+
+
+def test_another_architecture_is_a_clear_error(tmp_path):
+    _save(tmp_path, tiny_config())
+    other_cfg = tiny_config(num_classes=5, backbone="resnet18")
+    other = build_model(other_cfg.model)
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.load_model_weights(other, tmp_path / "ck", ckpt.MODEL, model_cfg=other_cfg)
+    msg = str(err.value)
+    assert "trained as backbone=tiny, num_classes=3" in msg
+    assert "the model here is backbone=resnet18, num_classes=5" in msg
+    assert "another architecture" in msg and "missing keys" in msg
+
+
+def test_not_a_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match="not a dssn checkpoint directory"):
+        ckpt.read_state(tmp_path)
+    (tmp_path / "state.json").write_text('{"format_version": 99}')
+    with pytest.raises(ckpt.CheckpointError, match="format 99"):
+        ckpt.read_state(tmp_path)
+
+
+def test_rng_round_trip():
+    state = ckpt.capture_rng()
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    ckpt.restore_rng(state)
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], again[0])
+    assert np.array_equal(expected[1], again[1]) and expected[2] == again[2]

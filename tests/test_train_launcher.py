@@ -1,0 +1,45 @@
+"""Driver-side helpers that need no Ray: run location, path resolution, CLI flags."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dssn.config import Config
+from dssn.train.cli import train_overrides
+from dssn.train.launcher import resolve_paths, run_dir, run_exists, save_config
+
+
+def test_relative_paths_become_absolute_for_the_workers(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = Config()
+    cfg.data.root, cfg.train.storage, cfg.model.pretrained = "shards/x", "runs", "w/r18.pth"
+    out = resolve_paths(cfg)
+    assert out.data.root == str(tmp_path / "shards/x")
+    assert out.train.storage == str(tmp_path / "runs")
+    assert out.model.pretrained == str(tmp_path / "w/r18.pth")
+    cfg.data.root, cfg.model.pretrained = "s3://bucket/shards", "imagenet"
+    out = resolve_paths(cfg)
+    assert out.data.root == "s3://bucket/shards" and out.model.pretrained == "imagenet"
+
+
+def test_run_dir_name_and_saved_config(tmp_path):
+    cfg = Config()
+    cfg.train.storage = str(tmp_path)
+    assert run_dir(cfg) == f"{tmp_path}/dssn"  # the experiment name when train.name is unset
+    cfg.train.name = "mine"
+    path = save_config(cfg)
+    assert Path(path) == tmp_path / "mine" / "config.yaml"
+    assert not run_exists(cfg)  # a config alone is no Ray Train run to continue
+    (tmp_path / "mine" / "checkpoint_manager_snapshot.json").write_text("{}")
+    assert run_exists(cfg)
+
+
+def test_cli_flags_become_overrides_after_positional_ones():
+    args = argparse.Namespace(
+        overrides=["train.epochs=3"], workers=2, gpus_per_worker=None, cpus_per_worker=0.5,
+        storage="/tmp/r", name=None,
+    )  # fmt: skip
+    assert train_overrides(args) == [
+        "train.epochs=3", "train.workers=2", "train.cpus_per_worker=0.5", "train.storage=/tmp/r",
+    ]  # fmt: skip

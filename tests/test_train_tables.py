@@ -1,0 +1,33 @@
+"""Per-class IoU tables: percent with one decimal, '-' for classes without IoU, mIoU row."""
+
+from __future__ import annotations
+
+import pytest
+
+from dssn.train.tables import class_names_for, iou_rows, to_csv, to_markdown, to_text
+
+
+def test_rows_text_markdown_csv():
+    nan = float("nan")
+    rows = iou_rows(["bg", "one"], {"student": [0.5, nan], "teacher": [0.25, 0.75]})
+    assert rows == [
+        ["class", "student", "teacher"],
+        ["bg", "50.0", "25.0"],
+        ["one", "-", "75.0"],
+        ["mIoU", "50.0", "50.0"],  # the NaN class is left out of the student's mean
+    ]
+    assert to_markdown(rows).splitlines()[1] == "|---|---:|---:|"
+    assert to_csv(rows).splitlines()[2] == "one,-,75.0"
+    text = to_text(rows).splitlines()
+    assert text[0].split() == ["class", "student", "teacher"] and set(text[1]) <= {"-", " "}
+
+
+def test_column_length_must_match_classes():
+    with pytest.raises(ValueError, match="3 values for 2 classes"):
+        iou_rows(["a", "b"], {"x": [0.1, 0.2, 0.3]})
+
+
+def test_class_names_fall_back_to_numbers():
+    assert class_names_for(2, {"classes": ["bg", "fg"]}) == ["bg", "fg"]
+    assert class_names_for(3, {"classes": ["bg", "fg"]}) == ["0", "1", "2"]
+    assert class_names_for(2, None) == ["0", "1"]
