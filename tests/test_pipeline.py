@@ -1,0 +1,227 @@
+"""The data pipeline: batch functions and readers without Ray, and one real TorchTrainer run
+(2 CPU workers) checking shapes, dtypes, equal step counts and disjoint rows per worker."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dssn.config import Config
+from dssn.data import format as fmt
+from dssn.data import pipeline
+
+CROP = 32
+
+
+def constant_rows(values, labeled: bool, size=(40, 44), prefix="r"):
+    """Rows whose image is one constant grey level: a weak view reveals which row it was."""
+    h, w = size
+    for v in values:
+        image = np.full((h, w, 3), v, dtype=np.uint8)
+        mask = np.full((h, w), v % 3, dtype=np.uint8)
+        yield {
+            "id": f"{prefix}{v}",
+            "image": fmt.encode_image(image, "jpeg" if v % 2 else "png"),
+            "mask": fmt.encode_mask(mask) if labeled else None,
+            "height": h,
+            "width": w,
+        }
+
+
+def make_shards(root: Path, n_labeled=3, n_unlabeled=20, n_val=5, shard_rows=4) -> Path:
+    counts = {
+        "labeled": fmt.write_part(root, "labeled", constant_rows(range(200, 200 + n_labeled), True), shard_rows),
+        "unlabeled": fmt.write_part(root, "unlabeled", constant_rows(range(1, 1 + n_unlabeled), False), shard_rows),
+        "val": fmt.write_part(root, "val", constant_rows(range(100, 100 + n_val), True), shard_rows),
+    }  # fmt: skip
+    fmt.write_dataset_info(root, {"name": "const", "classes": ["a", "b", "c"], "counts": counts})
+    return root
+
+
+def make_cfg(root: Path, workers: int = 1) -> Config:
+    cfg = Config()
+    cfg.data.root = str(root)
+    cfg.data.crop_size = CROP
+    cfg.data.batch_size = 2
+    cfg.data.map_batch_rows = 4
+    cfg.train.workers = workers
+    return cfg
+
+
+def numpy_batch(root: Path, part: str) -> dict[str, np.ndarray]:
+    table = fmt.read_shard(fmt.list_shards(root, part)[0], pipeline.READ_COLUMNS)
+    return {name: np.array(table[name].to_pylist(), dtype=object) for name in table.column_names}
+
+
+def test_batch_functions_shapes_and_dtypes(tmp_path):
+    root = make_shards(tmp_path)
+    cfg = make_cfg(root)
+    labeled = pipeline.labeled_batch(numpy_batch(root, "labeled"), cfg.data)
+    assert labeled["image_x"].shape == (3, 3, CROP, CROP) and labeled["mask_x"].shape == (
+        3,
+        CROP,
+        CROP,
+    )
+    assert labeled["image_x"].dtype == labeled["mask_x"].dtype == np.uint8
+    assert set(np.unique(labeled["mask_x"])) <= {0, 1, 2, 255}
+    unlabeled = pipeline.unlabeled_batch(numpy_batch(root, "unlabeled"), cfg.data)
+    assert tuple(unlabeled) == pipeline.STREAM_COLUMNS["unlabeled"]
+    assert unlabeled["image_u_s1"].shape == (4, 3, CROP, CROP)
+    assert unlabeled["extent_u"].shape == (4, 3) and unlabeled["boxp_u2"].shape == (4, 4)
+    mix = pipeline.mix_batch(numpy_batch(root, "unlabeled"), cfg.data)
+    assert tuple(mix) == pipeline.STREAM_COLUMNS["mix"]
+    batch = pipeline.expand_batch({k: torch.from_numpy(v) for k, v in unlabeled.items()}, CROP)
+    assert set(batch) == set(pipeline.UNLABELED_KEYS)
+    assert batch["box_u2"].shape == batch["ignore_u"].shape == (4, CROP, CROP)
+    # a constant image stays constant in the weak view (geometry only); padding is 0 / ignore
+    weak, ignore = batch["image_u_w"], batch["ignore_u"]
+    for i, value in enumerate(range(1, 5)):
+        assert set(weak[i][:, ignore[i] == 0].unique().tolist()) == {value}
+        assert (weak[i][:, ignore[i] == 255] == 0).all()
+    for i in range(4):  # each box mask is the rectangle its parameters name
+        top, left, height, width = unlabeled["boxp_u1"][i].tolist()
+        box = batch["box_u1"][i]
+        assert int(box.sum()) == height * width
+        assert height == 0 or int(box[top : top + height, left : left + width].min()) == 1
+
+
+def test_expand_batch_matches_the_sample_functions():
+    from dssn.data import augment
+
+    cfg = make_cfg(Path("unused")).data
+    image = torch.full((3, 20, 50), 9, dtype=torch.uint8)
+    for seed in range(10):
+        views = augment.unlabeled_views(image, cfg, np.random.default_rng(seed))
+        full = augment.augment_unlabeled(image, cfg, np.random.default_rng(seed))
+        raw = {"extent_u": torch.from_numpy(views["extent"])[None],
+               "boxp_u1": torch.from_numpy(views["box1"])[None]}  # fmt: skip
+        batch = pipeline.expand_batch(raw, CROP)
+        assert torch.equal(batch["ignore_u"][0], full["ignore"])
+        assert torch.equal(batch["box_u1"][0], full["box1"])
+        assert torch.equal(full["ignore"] == 255, (full["weak"] == 0).all(0))
+
+
+def test_iters_per_epoch_and_shard_plan(tmp_path):
+    root = make_shards(tmp_path)
+    cfg = make_cfg(root)
+    assert pipeline.iters_per_epoch(cfg, 1) == 10 and pipeline.iters_per_epoch(cfg, 2) == 5
+    assert pipeline.iters_per_epoch(cfg, 16) == 1  # never zero: the streams repeat instead
+    cfg.train.iters_per_epoch = 7
+    assert pipeline.iters_per_epoch(cfg, 2) == 7
+    # no unlabeled rows: an epoch is a pass over the labeled set; supervised reads only that
+    only_labeled = make_shards(tmp_path / "sup", n_labeled=9, n_unlabeled=0)
+    cfg = make_cfg(only_labeled)
+    assert pipeline.iters_per_epoch(cfg, 1) == 4
+    assert pipeline.stream_names(cfg) == ("labeled", "unlabeled", "mix")
+    cfg.method = "supervised"
+    assert pipeline.stream_names(cfg) == ("labeled",)
+    plan = pipeline.shard_plan(str(root), "labeled", 3, rows_needed=20)
+    assert len(plan) == 7 and {p["copy"] for p in plan} == set(range(7))  # 7 copies x 3 rows
+    big = make_shards(tmp_path / "big", n_unlabeled=70, shard_rows=256)
+    plan = pipeline.shard_plan(str(big), "unlabeled", 70, rows_needed=70)
+    assert [p["row_group"] for p in plan] == [0, 1, 2]  # 32 + 32 + 6 rows
+    with pytest.raises(fmt.ShardError, match="no rows"):
+        pipeline.shard_plan(str(tmp_path / "none"), "labeled", 0, 4)
+
+
+def test_row_group_reads_permute_rows(tmp_path):
+    root = make_shards(tmp_path, n_unlabeled=12, shard_rows=12)
+    batch = {"path": np.array(fmt.list_shards(root, "unlabeled")), "row_group": np.array([0])}
+    orders = {tuple(pipeline.read_row_groups(batch)["id"].to_pylist()) for _ in range(5)}
+    assert len(orders) > 1 and all(sorted(o) == sorted(next(iter(orders))) for o in orders)
+
+
+def test_to_device_normalizes_and_casts(tmp_path):
+    cfg = make_cfg(tmp_path)
+    cfg.train.channels_last = True
+    raw = {
+        "image_x": torch.full((2, 3, 4, 4), 255, dtype=torch.uint8),
+        "mask_x": torch.full((2, 4, 4), 255, dtype=torch.uint8),
+        "box_u1": torch.ones(2, 4, 4, dtype=torch.uint8),
+    }
+    out = pipeline.to_device(raw, "cpu", cfg)
+    expected = [(1 - m) / s for m, s in zip(cfg.data.mean, cfg.data.std, strict=True)]
+    assert torch.allclose(out["image_x"][0, :, 0, 0], torch.tensor(expected))
+    assert out["image_x"].is_contiguous(memory_format=torch.channels_last)
+    assert out["mask_x"].dtype == out["box_u1"].dtype == torch.long
+    assert int(out["mask_x"].max()) == 255
+
+
+def test_val_samples_without_ray_cover_every_row_once(tmp_path):
+    root = make_shards(tmp_path, n_val=7, shard_rows=3)
+    cfg = make_cfg(root)
+    everything = [int(image[0, 0, 0]) for image, _ in pipeline.iter_val_samples(cfg)]
+    assert everything == list(range(100, 107))
+    parts = [
+        [int(image[0, 0, 0]) for image, _ in pipeline.iter_val_samples(cfg, rank=r, world_size=3)]
+        for r in range(3)
+    ]
+    assert sorted(sum(parts, [])) == everything and [len(p) for p in parts] == [3, 2, 2]
+    image, mask = next(pipeline.iter_val_samples(cfg))
+    assert image.shape == (3, 40, 44) and image.dtype == torch.uint8
+    assert mask.shape == (40, 44) and mask.dtype == torch.uint8 and int(mask[0, 0]) == 100 % 3
+
+
+def _worker_loop(config: dict) -> None:
+    """Inside each Ray Train worker: two epochs; record row identities and shapes."""
+    import ray.train
+
+    from dssn.config import from_dict
+
+    cfg = from_dict(config["cfg"])
+    rank = ray.train.get_context().get_world_rank()
+    record = {"epochs": []}
+    for epoch in range(2):
+        seen = {"unlabeled": [], "mix": [], "steps": 0}
+        for raw in pipeline.iter_train_batches(cfg, epoch):
+            seen["steps"] += 1
+            seen["shapes"] = {k: [list(v.shape), str(v.dtype)] for k, v in raw.items()}
+            for key, stream in (("image_u_w", "unlabeled"), ("image_mix_w", "mix")):
+                seen[stream] += [int(v) for v in raw[key].amax(dim=(1, 2, 3))]
+        seen["val"] = [int(image[0, 0, 0]) for image, _ in pipeline.iter_val_samples(cfg)]
+        record["epochs"].append(seen)
+    Path(config["out"], f"rank{rank}.json").write_text(json.dumps(record))
+    ray.train.report({"done": 1})
+
+
+@pytest.mark.ray
+def test_torch_trainer_two_workers_get_disjoint_rows(ray_instance, tmp_path):
+    import ray.train
+    from ray import cloudpickle
+    from ray.train.torch import TorchTrainer
+
+    # the workers cannot import this test module: ship _worker_loop by value
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    root = make_shards(tmp_path / "shards")
+    cfg = make_cfg(root, workers=2)
+    out = tmp_path / "records"
+    out.mkdir()
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"cfg": cfg.to_dict(), "out": str(out)},
+        scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        run_config=ray.train.RunConfig(name="pipeline", storage_path=str(tmp_path / "runs")),
+        datasets=pipeline.build_datasets(cfg),
+    )
+    trainer.fit()
+    records = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    for epoch in range(2):
+        a, b = (rec["epochs"][epoch] for rec in records)
+        assert a["steps"] == b["steps"] == 5  # 20 unlabeled rows / (batch 2 x 2 workers)
+        for stream in ("unlabeled", "mix"):
+            # each worker saw distinct rows; together, one pass over the unlabeled set
+            assert len(set(a[stream])) == len(a[stream]) == 10
+            assert set(a[stream]).isdisjoint(b[stream])
+            assert set(a[stream]) | set(b[stream]) == set(range(1, 21))
+        assert sorted(a["val"] + b["val"]) == list(range(100, 105))
+        assert set(a["val"]).isdisjoint(b["val"])
+    shapes = records[0]["epochs"][0]["shapes"]
+    for key in pipeline.LABELED_KEYS + pipeline.UNLABELED_KEYS + pipeline.MIX_KEYS:
+        shape, dtype = shapes[key]
+        assert dtype == "torch.uint8"
+        assert shape == ([2, 3, CROP, CROP] if key.startswith("image_") else [2, CROP, CROP])
