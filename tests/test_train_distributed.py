@@ -1,0 +1,119 @@
+"""Two real gloo processes on CPU: synchronised BatchNorm and the all-reduced confusion matrix."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from dssn.train.metrics import all_reduce_confusion, confusion_matrix
+from dssn.train.sync_bn import AllReduceBatchNorm, convert_sync_batchnorm
+
+WORLD = 2
+
+
+def _data():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 5, 5, generator=gen) * 3 + 1  # global batch of 4, 2 per worker
+    grad_out = torch.randn(4, 3, 5, 5, generator=gen)
+    return x, grad_out
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        x, grad_out = _data()
+        net = convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(3)), torch.device("cpu"))
+        assert isinstance(net[0], AllReduceBatchNorm)
+        with torch.no_grad():
+            net[0].weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+        part = x[rank * 2 : rank * 2 + 2].clone().requires_grad_(True)
+        y = net(part)
+        y.backward(grad_out[rank * 2 : rank * 2 + 2])
+        # the weight gradient is a sum over this worker's pixels; DDP would sum/average it
+        wgrad = net[0].weight.grad.clone()
+        dist.all_reduce(wgrad)
+        # confusion matrices: each worker holds half the pixels
+        target = torch.tensor([[0, 1], [1, 1]])[rank]
+        pred = torch.tensor([[0, 0], [1, 1]])[rank]
+        cm = all_reduce_confusion(confusion_matrix(pred, target, 2))
+        torch.save(
+            {"y": y.detach(), "xgrad": part.grad, "wgrad": wgrad, "cm": cm,
+             "running_mean": net[0].running_mean, "running_var": net[0].running_var},
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_reduce_batchnorm_equals_batchnorm_on_the_global_batch(tmp_path):
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    x, grad_out = _data()
+    ref = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        ref.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+    xr = x.clone().requires_grad_(True)
+    y = ref(xr)
+    y.backward(grad_out)
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        rows = slice(rank * 2, rank * 2 + 2)
+        torch.testing.assert_close(got["y"], y[rows].detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got["xgrad"], xr.grad[rows], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got["wgrad"], ref.weight.grad, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(got["running_mean"], ref.running_mean)
+        torch.testing.assert_close(got["running_var"], ref.running_var)
+        # pixels (target, pred): (0,0) (1,0) | (1,1) (1,1)
+        assert got["cm"].tolist() == [[1, 0], [1, 2]]
+
+
+def test_all_reduce_batchnorm_without_process_group_is_plain_batchnorm():
+    x, _ = _data()
+    ref, bn = nn.BatchNorm2d(3), AllReduceBatchNorm(3)
+    torch.testing.assert_close(bn(x), ref(x))
+    torch.testing.assert_close(bn.running_var, ref.running_var)
+    assert set(bn.state_dict()) == set(ref.state_dict())
+
+
+def _train_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """Two DSSN steps under DDP with synchronised BatchNorm on both networks."""
+    from test_train_loop import fake_batches, tiny_cfg, to_device
+
+    from dssn.train import loop
+    from dssn.train.faults import FaultInjector
+    from dssn.train.setup import build_networks
+    from dssn.train.state import TrainState
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        cfg = tiny_cfg(iters_per_epoch=2)
+        loop.iter_train_batches = lambda cfg, epoch: fake_batches(cfg, epoch * WORLD + rank)
+        loop.to_device = to_device
+        nets = build_networks(cfg, torch.device("cpu"), WORLD)
+        n_sync = sum(isinstance(m, AllReduceBatchNorm) for m in nets.teacher.modules())
+        state = TrainState()
+        faults = FaultInjector(cfg, rank, WORLD)
+        out = loop.train_one_epoch(cfg, nets, state, 0, 4, faults, torch.device("cpu"), rank, WORLD)
+        torch.save(
+            {"student": nets.module.state_dict(), "teacher": nets.teacher.state_dict(),
+             "loss": out["loss"], "n_sync": n_sync},
+            os.path.join(out_dir, f"train{rank}.pt"),
+        )  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_training_keeps_workers_identical(tmp_path):
+    mp.spawn(_train_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    a, b = (torch.load(tmp_path / f"train{r}.pt", weights_only=True) for r in range(WORLD))
+    assert a["n_sync"] > 0  # the teacher's BatchNorm layers are synchronised too
+    assert a["loss"] == b["loss"]  # the epoch mean is all-reduced
+    for net in ("student", "teacher"):
+        for key, value in a[net].items():
+            # different data on each worker, yet the same weights and (synchronised) BN stats
+            torch.testing.assert_close(value, b[net][key], msg=f"{net}.{key}")

@@ -1,0 +1,119 @@
+"""The epoch loop without Ray: synthetic batches through the real step, optimizer and EMA.
+
+Checks what the Ray runs cannot see cheaply: the NaN policies (error names the step and writes
+nothing; skip leaves the weights untouched and counts), poly decay, EMA updates, the metrics.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dssn.config import Config
+from dssn.train import loop
+from dssn.train.faults import FaultInjector
+from dssn.train.setup import build_networks
+from dssn.train.state import TrainState
+
+SIZE = 32
+BATCH = 2
+CLASSES = 3
+
+
+def tiny_cfg(**train) -> Config:
+    cfg = Config()
+    cfg.model.backbone, cfg.model.width, cfg.model.num_classes = "tiny", 8, CLASSES
+    cfg.data.crop_size, cfg.data.batch_size = SIZE, BATCH
+    cfg.train.epochs, cfg.train.iters_per_epoch, cfg.train.log_every = 2, 3, 2
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    return cfg
+
+
+def fake_batches(cfg: Config, epoch: int):
+    """What iter_train_batches yields: uint8 images, uint8 masks / ignore / boxes."""
+    gen = torch.Generator().manual_seed(epoch)
+
+    def images():
+        return torch.randint(0, 256, (BATCH, 3, SIZE, SIZE), generator=gen, dtype=torch.uint8)
+
+    for _ in range(cfg.train.iters_per_epoch):
+        box = torch.zeros(BATCH, SIZE, SIZE, dtype=torch.uint8)
+        box[:, 4:12, 4:12] = 1
+        yield {
+            "image_x": images(),
+            "mask_x": torch.randint(0, CLASSES, (BATCH, SIZE, SIZE), generator=gen).byte(),
+            **{k: images() for k in ("image_u_w", "image_u_s1", "image_u_s2")},
+            **{k: images() for k in ("image_mix_w", "image_mix_s1", "image_mix_s2")},
+            "ignore_u": torch.zeros(BATCH, SIZE, SIZE, dtype=torch.uint8),
+            "ignore_mix": torch.zeros(BATCH, SIZE, SIZE, dtype=torch.uint8),
+            "box_u1": box,
+            "box_u2": torch.zeros_like(box),
+        }
+
+
+def to_device(raw, device, cfg):
+    """The contract's conversion: images normalised float, masks long."""
+    mean = torch.tensor(cfg.data.mean).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.data.std).view(1, 3, 1, 1)
+    return {
+        k: (v.float() / 255 - mean) / std if k.startswith("image") else v.long()
+        for k, v in raw.items()
+    }
+
+
+@pytest.fixture
+def run_epoch(monkeypatch):
+    monkeypatch.setattr(loop, "iter_train_batches", fake_batches)
+    monkeypatch.setattr(loop, "to_device", to_device)
+
+    def run(cfg: Config, state: TrainState, epoch: int = 0):
+        nets = build_networks(cfg, torch.device("cpu"), world_size=1)
+        total = cfg.train.epochs * cfg.train.iters_per_epoch
+        faults = FaultInjector(cfg, rank=0, world_size=1)
+        out = loop.train_one_epoch(
+            cfg, nets, state, epoch, total, faults, torch.device("cpu"), rank=0, world_size=1
+        )
+        return nets, out
+
+    return run
+
+
+def test_epoch_trains_logs_and_decays(run_epoch, capsys):
+    cfg = tiny_cfg()
+    state = TrainState()
+    nets, out = run_epoch(cfg, state)
+    assert state.iteration == 3 and out["steps"] == 3
+    assert nets.ema.updates == 3
+    for key in ("loss", "loss_x", "loss_s1", "mask_ratio", "images_per_s", "data_wait"):
+        assert key in out and out[key] == out[key]  # present and not NaN
+    assert 0.0 <= out["data_wait"] < 1.0
+    # poly decay after the 3rd step (index 2) of 6: lr * (1 - 2/6)^0.9
+    assert out["lr"] == pytest.approx(cfg.optim.lr * (1 - 2 / 6) ** 0.9)
+    log = capsys.readouterr().out
+    assert "epoch 1/2 step 2/3 (iter 2)" in log and "mask_ratio" in log and "img/s" in log
+
+
+def test_nan_error_names_the_step(run_epoch):
+    cfg = tiny_cfg(nan_at_iter=1)
+    state = TrainState(epoch=0)
+    with pytest.raises(loop.NonFiniteLossError) as err:
+        run_epoch(cfg, state)
+    msg = str(err.value)
+    assert "epoch 1/2, step 2/3 of the epoch (global iteration 1)" in msg
+    assert "last good checkpoint (epoch 0) is unchanged" in msg
+
+
+def test_nan_skip_leaves_weights_and_counts(monkeypatch):
+    monkeypatch.setattr(loop, "iter_train_batches", fake_batches)
+    monkeypatch.setattr(loop, "to_device", to_device)
+    cfg = tiny_cfg(nan_at_iter=0, nan_policy="skip", iters_per_epoch=1)
+    nets = build_networks(cfg, torch.device("cpu"), world_size=1)
+    before = {k: v.detach().clone() for k, v in nets.module.named_parameters()}
+    state = TrainState()
+    faults = FaultInjector(cfg, rank=0, world_size=1)
+    out = loop.train_one_epoch(cfg, nets, state, 0, 2, faults, torch.device("cpu"), 0, 1)
+    assert state.nan_skipped == 1 and state.iteration == 1 and nets.ema.updates == 0
+    for name, param in nets.module.named_parameters():
+        assert torch.equal(param.detach(), before[name]), name
+    assert "loss" not in out  # no finite step to average
