@@ -40,8 +40,9 @@ import yaml  # noqa: E402
 
 from dssn.config import Config, load_config  # noqa: E402
 from dssn.data import format as fmt  # noqa: E402
-from dssn.data.augment import augment_labeled  # noqa: E402
+from dssn.data.augment import augment_labeled, augment_unlabeled  # noqa: E402
 from dssn.data.digits import CLASSES, DigitsSpec, generate, labeled_count  # noqa: E402
+from dssn.method import EMATeacher, step  # noqa: E402
 from dssn.method.losses import labeled_ce  # noqa: E402
 from dssn.model import build_model  # noqa: E402
 from dssn.train.metrics import confusion_matrix, iou_per_class, mean_iou  # noqa: E402
@@ -74,7 +75,9 @@ def evaluate(model: torch.nn.Module, val: tuple[torch.Tensor, torch.Tensor], cfg
     images, masks = val
     for start in range(0, len(images), EVAL_CHUNK):
         logits = model(normalize(images[start : start + EVAL_CHUNK], cfg))  # (b, C, H, W)
-        matrix += confusion_matrix(logits.argmax(1), masks[start : start + EVAL_CHUNK], len(CLASSES))
+        matrix += confusion_matrix(
+            logits.argmax(1), masks[start : start + EVAL_CHUNK], len(CLASSES)
+        )
     model.train()
     return iou_per_class(matrix)
 
@@ -86,6 +89,65 @@ def train_batch(train, cfg: Config, rng: np.random.Generator) -> tuple[torch.Ten
     pairs = [augment_labeled(images[i], masks[i], cfg.data, rng) for i in idx]
     x = normalize(torch.stack([a for a, _ in pairs]), cfg)
     return x, torch.stack([m for _, m in pairs]).long()
+
+
+def dssn_batch(train, cfg: Config, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """A DSSN batch (docs/CONTRACTS.md keys) from training scenes through the real
+    augmentations: B labeled, B unlabeled and B CutMix partners (masks of the last 2B unused)."""
+    x, y = train_batch(train, cfg, rng)
+    images = train[0]
+    views = {"u": [], "mix": []}
+    for key in views:
+        for i in rng.integers(0, len(images), cfg.data.batch_size):
+            views[key].append(augment_unlabeled(images[i], cfg.data, rng))
+
+    def stack(key: str, name: str, image: bool = True) -> torch.Tensor:
+        out = torch.stack([v[name] for v in views[key]])
+        return normalize(out, cfg) if image else out.long()
+
+    return {
+        "image_x": x,
+        "mask_x": y,
+        "image_u_w": stack("u", "weak"),
+        "image_u_s1": stack("u", "strong1"),
+        "image_u_s2": stack("u", "strong2"),
+        "ignore_u": stack("u", "ignore", False),
+        "box_u1": stack("u", "box1", False),
+        "box_u2": stack("u", "box2", False),
+        "image_mix_w": stack("mix", "weak"),
+        "image_mix_s1": stack("mix", "strong1"),
+        "image_mix_s2": stack("mix", "strong2"),
+        "ignore_mix": stack("mix", "ignore", False),
+    }
+
+
+def step_costs(train, cfg: Config, iters: int, rng: np.random.Generator) -> dict[str, float]:
+    """CPU seconds (this process, all threads) per iteration, median of ``iters`` after one
+    warm-up: the supervised step, the DSSN step (forward, backward, optimizer, EMA update) and
+    the augmentation of one DSSN batch (which Ray Data runs on the same cores)."""
+    model = build_model(cfg.model)
+    optimizer = build_optimizer(model, cfg.optim)
+    ema = EMATeacher(model, cfg.dssn.ema, fused=cfg.dssn.fused_ema)
+    costs: dict[str, list[float]] = {"augment": [], "supervised": [], "dssn": []}
+    for it in range(iters + 1):
+        c0 = time.process_time()
+        batch = dssn_batch(train, cfg, rng)
+        c1 = time.process_time()
+        loss = labeled_ce(model(batch["image_x"]), batch["mask_x"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        c2 = time.process_time()
+        loss, _ = step(model, ema.teacher, batch, cfg, iteration=it + 1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        ema.update(model)
+        c3 = time.process_time()
+        if it:  # the first is warm-up
+            for name, seconds in zip(costs, (c1 - c0, c2 - c1, c3 - c2), strict=True):
+                costs[name].append(seconds)
+    return {name: float(np.median(values)) for name, values in costs.items()}
 
 
 def parse_options(items: list[str]) -> dict:
@@ -131,6 +193,13 @@ def main() -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--batch", type=int)
     p.add_argument("--crop", type=int)
+    p.add_argument(
+        "--step-cost",
+        type=int,
+        default=0,
+        metavar="N",
+        help="first time N supervised and N DSSN iterations (CPU s per iteration)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -164,6 +233,16 @@ def main() -> None:
         f"{args.threads} threads | digits {options or 'defaults'}",
         flush=True,
     )
+    if args.step_cost:
+        costs = step_costs(train, cfg, args.step_cost, np.random.default_rng(cfg.train.seed))
+        print(
+            f"CPU s per iteration (batch {cfg.data.batch_size}, crop {cfg.data.crop_size}): "
+            f"supervised {costs['supervised']:.3f} | DSSN {costs['dssn']:.3f} "
+            f"({costs['dssn'] / costs['supervised']:.1f}x) + its augmentation "
+            f"{costs['augment']:.3f} -> DSSN {cfg.data.batch_size * 3 / (costs['dssn'] + costs['augment']):.1f} "
+            f"images per CPU-s (labeled + unlabeled + partner)",
+            flush=True,
+        )
     wall0, cpu0 = time.perf_counter(), time.process_time()
     it, best, losses = 0, 0.0, []
 

@@ -183,3 +183,30 @@ def test_asha_relearns_its_rungs_from_disk_when_a_search_resumes(search):
         scheduler.on_trial_add(None, newcomer)
         decisions[name] = scheduler.on_trial_result(None, newcomer, poor)
     assert decisions == {"resumable": TrialScheduler.STOP, "plain": TrialScheduler.CONTINUE}
+
+
+def report_through_ray_train(config):
+    """A Tune function that reports the Ray Train way (Ray 2.60 refuses it inside Tune)."""
+    import ray.train
+    import ray.tune
+
+    try:
+        ray.train.report({"refused": 0})
+        ray.tune.report({"refused": 0, "why": ""})
+    except DeprecationWarning as e:
+        ray.tune.report({"refused": 1, "why": str(e)})
+
+
+def test_ray_train_report_is_refused_inside_a_tune_function(ray_instance, tmp_path):
+    """Why trials report through TuneReportCallback and ray.tune.report (issue 5, item 7)."""
+    import sys
+
+    from ray import cloudpickle, tune
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    grid = tune.Tuner(
+        tune.with_resources(report_through_ray_train, {"cpu": 0.25}),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), name="deprecated", verbose=0),
+    ).fit()
+    assert grid[0].metrics["refused"] == 1
+    assert "use the equivalent `ray.tune` API" in grid[0].metrics["why"]

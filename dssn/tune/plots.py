@@ -85,6 +85,8 @@ def plot_params(space: dict[str, Param], table: pd.DataFrame, metric: str, path:
         if param is not None and param.kind == "loguniform":
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap
+        if param is not None and param.kind != "choice":
+            ax.set_xlim(*param.values)  # the whole searched range: where did the trials fall
         ax.set_xlabel(name)
         ax.set_ylabel(f"best {metric} (%)")
         ax.grid(alpha=0.3)
@@ -187,8 +189,11 @@ def plot_all(exp: Any, table: pd.DataFrame, out_dir: Path) -> tuple[dict[str, Pa
     """Every plot into ``out_dir``; returns what was written and notes on what was not."""
     made: dict[str, Path] = {}
     notes: list[str] = []
+    evaluated = table[table[f"best_{exp.metric}"].notna()]
+    if evaluated.empty:
+        return made, ["no plots: no trial has evaluated an epoch yet"]
     made["curves"] = plot_curves(exp, table, out_dir / "curves.png")
-    made["params"] = plot_params(exp.space, table, exp.metric, out_dir / "params.png")
+    made["params"] = plot_params(exp.space, evaluated, exp.metric, out_dir / "params.png")
     values, method = importances(exp.space, table, exp.metric)
     if values is None:
         notes.append(method)

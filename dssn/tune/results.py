@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ import pandas as pd
 from dssn.tune import files
 from dssn.tune.asha import read_trial_file
 from dssn.tune.space import Param, space_from_dict
+from dssn.tune.tuner import CONFIG_FILE, SEARCH_FILE
 
 RESULTS_DIR = "results"  # inside the experiment directory
 TABLE_STEM = "trials"
@@ -83,8 +85,8 @@ def load_experiment(path: str) -> Experiment:
     except (ValueError, FileNotFoundError) as e:
         raise FileNotFoundError(f"{path}: not a Ray Tune experiment directory ({e})") from e
     meta: dict[str, Any] = {}
-    if files.exists(f"{path}/search.json"):
-        meta = json.loads(files.read_text(f"{path}/search.json"))
+    if files.exists(f"{path}/{SEARCH_FILE}"):
+        meta = json.loads(files.read_text(f"{path}/{SEARCH_FILE}"))
     frames = analysis.trial_dataframes
     trials = []
     for t in analysis.trials:
@@ -94,7 +96,7 @@ def load_experiment(path: str) -> Experiment:
         # in the trial directory are the later word
         error_text = read_trial_file(t, ERROR_FILE) if status != TERMINATED else ""
         if error_text:
-            status, error = ERROR, _last_line(error_text)
+            status, error = ERROR, error_summary(error_text)
         trials.append(Trial(t.trial_id, status, dict(t.config), history, error))
     return Experiment(
         path=path,
@@ -106,9 +108,18 @@ def load_experiment(path: str) -> Experiment:
     )
 
 
-def _last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1].strip() if lines else ""
+EXCEPTION_LINE = re.compile(r"^\s*([\w.]+(Error|Exception|Interrupt))(\(.*?\))?: .*")
+
+
+def error_summary(text: str) -> str:
+    """The line naming the cause of a trial's failure: the last exception line outside Ray's
+    own wrappers (``ray.exceptions.*``, ``ray.train.*Error``), else the last exception line."""
+    found = [m.group(0).strip() for m in map(EXCEPTION_LINE.match, text.splitlines()) if m]
+    own = [line for line in found if not line.startswith("ray.")]
+    if own or found:
+        return (own or found)[-1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 def _history(frame: pd.DataFrame | None) -> pd.DataFrame:
@@ -251,7 +262,7 @@ def best_config_yaml(exp: Experiment, table: pd.DataFrame) -> str | None:
     from dssn.tune.space import apply_params
 
     metric_col = f"best_{exp.metric}"
-    config_path = f"{exp.path}/config.yaml"
+    config_path = f"{exp.path}/{CONFIG_FILE}"
     if table.empty or table[metric_col].isna().all() or not files.exists(config_path):
         return None
     best = table.iloc[0]

@@ -126,14 +126,12 @@ def ensure_ray(cfg: Config) -> bool:
 
 
 def start_local_ray(num_cpus: int) -> None:
-    """A local Ray instance whose State API every worker finds.
+    """A local Ray instance with its dashboard, whose State API every Ray process finds.
 
-    Ray Train's placement-group cleaner asks the State API (the dashboard) whether a trial's
-    Train controller still lives; when ASHA ends a trial, that is what frees its workers.
-    Without an address it auto-detects "the" local cluster, which on a machine running several
-    Ray instances is an error or, worse, another cluster, which reports our live controller as
-    dead and has its placement group removed mid-run. So the dashboard gets a known port and
-    ``RAY_API_SERVER_ADDRESS`` names it in the environment that the Ray processes inherit.
+    Ray Train's placement-group cleaner needs the State API (the dashboard) to free the workers
+    of trials that ASHA ends; ``RAY_API_SERVER_ADDRESS`` in the environment the Ray processes
+    inherit points every State API client at this instance, not at whichever Ray instance
+    auto-detection finds first on a shared machine (see also :func:`run_trial`).
     """
     import ray
 
