@@ -41,7 +41,7 @@ import yaml  # noqa: E402
 from dssn.config import Config, load_config  # noqa: E402
 from dssn.data import format as fmt  # noqa: E402
 from dssn.data.augment import augment_labeled, augment_unlabeled  # noqa: E402
-from dssn.data.digits import CLASSES, DigitsSpec, generate, labeled_count  # noqa: E402
+from dssn.data.digits import CLASSES, generate, labeled_count, make_spec  # noqa: E402
 from dssn.method import EMATeacher, step  # noqa: E402
 from dssn.method.losses import labeled_ce  # noqa: E402
 from dssn.model import build_model  # noqa: E402
@@ -208,7 +208,7 @@ def main() -> None:
     rng = np.random.default_rng(cfg.train.seed)
 
     options = parse_options(args.digits)
-    spec = DigitsSpec(**options)
+    spec = make_spec(**options)
     root = args.data or tempfile.mkdtemp(prefix="digits-all-")
     if args.data is None:
         generate(root, **{**options, "labeled_fraction": 1.0})
@@ -276,7 +276,8 @@ def main() -> None:
     print(f"\nfinal: {it} iterations, wall {wall:.0f} s, cpu {cpu:.0f} s ({args.labeled} labeled)")
     for name, iou in zip(CLASSES, ious, strict=True):
         print(f"  {name:>10s}  {100 * iou:5.1f}")
-    print(f"  {'mIoU':>10s}  {100 * mean_iou(ious):5.1f}   (best during the run {100 * best:.1f})")
+    best = max(best, mean_iou(ious))
+    print(f"  {'mIoU':>10s}  {100 * mean_iou(ious):5.1f}   (best of the run {100 * best:.1f})")
 
 
 if __name__ == "__main__":

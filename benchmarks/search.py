@@ -25,7 +25,7 @@ TARGET_EPOCH_SHARE = 0.5
 
 def run(config: str, name: str, asha: bool, args: argparse.Namespace) -> dict[str, float]:
     """One search; its best mIoU, epochs trained and wall time."""
-    from dssn.demo import DEMO_OVERRIDES
+    from dssn.demo import DEMO, DEMO_OVERRIDES
     from dssn.tune.results import report, summarize
     from dssn.tune.tuner import run_search
 
@@ -33,6 +33,7 @@ def run(config: str, name: str, asha: bool, args: argparse.Namespace) -> dict[st
         config,
         [
             *DEMO_OVERRIDES,
+            f"tune.max_concurrent_trials={DEMO['max_concurrent_trials']}",
             *args.overrides,
             f"tune.name={name}",
             f"tune.storage_path={args.storage}",

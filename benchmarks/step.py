@@ -17,7 +17,8 @@ every mode alike. Reported: images/s (3B images per iteration, as the training l
 them), the median time of each phase after warm-up, the fastest iteration (the least
 disturbed one on a shared machine), the median CPU time of the process per iteration (all
 threads; on a CPU shared with other jobs, a measure of the work done that their load barely
-moves), peak memory (CUDA: ``max_memory_allocated``; CPU: the
+moves), the GFLOP of one iteration (``torch.utils.flop_counter``: convolutions and matrix
+products, forward and backward; independent of the machine), peak memory (CUDA: ``max_memory_allocated``; CPU: the
 process's peak RSS, which includes the ~0.9 GiB of the imported libraries) and the speed-up
 over ``reference``. Phases are timed with a device sync between them, so on a GPU their sum
 slightly over-estimates an unsynchronised iteration.
@@ -44,6 +45,7 @@ PAD_FRACTION = 0.1  # bottom rows of every crop marked as padding (ignored), as 
 BOX_FRACTION = 0.4  # CutMix box side as a fraction of the crop
 KIB = 1024  # ru_maxrss is in KiB on Linux
 MIB = 1024**2
+GIGA = 1e9
 POLL_S = 1.0  # how often the parent checks that every mode's process is still alive
 
 
@@ -98,6 +100,7 @@ def time_mode(args: argparse.Namespace, mode: str, turn: Any, next_turn: Any) ->
     ``turn`` and releasing ``next_turn`` (the modes alternate). Per-phase seconds and peak
     memory in bytes."""
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
     from dssn.config import Config, set_values
     from dssn.method import EMATeacher, step
@@ -137,6 +140,23 @@ def time_mode(args: argparse.Namespace, mode: str, turn: Any, next_turn: Any) ->
             torch.cuda.synchronize(device)
         return time.perf_counter()
 
+    def iteration(it: int):
+        with autocast:  # iteration >= 1: the full loss (no first-iteration rule)
+            loss, _ = step(student, ema.teacher, batch, cfg, iteration=it + 1)
+        return loss
+
+    # one untimed iteration under the FLOP counter (in turn, like the timed ones): the work
+    # done, whatever the machine's load
+    turn.acquire()
+    with FlopCounterMode(display=False) as counter:
+        loss = iteration(0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    optimizer.step()
+    ema.update(student)
+    next_turn.release()
+    flops = counter.get_total_flops()
+
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     times: dict[str, list[float]] = {phase: [] for phase in (*PHASES, "total", "cpu")}
@@ -144,8 +164,7 @@ def time_mode(args: argparse.Namespace, mode: str, turn: Any, next_turn: Any) ->
         turn.acquire()
         c0 = time.process_time()
         t0 = sync()
-        with autocast:  # iteration >= 1: the full loss (no first-iteration rule)
-            loss, _ = step(student, ema.teacher, batch, cfg, iteration=it + 1)
+        loss = iteration(it)
         t1 = sync()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -166,7 +185,7 @@ def time_mode(args: argparse.Namespace, mode: str, turn: Any, next_turn: Any) ->
         peak = torch.cuda.max_memory_allocated(device)
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB
-    return {"times": times, "peak": peak}
+    return {"times": times, "peak": peak, "flops": flops}
 
 
 def _worker(args, mode, turn, next_turn, results) -> None:
@@ -184,6 +203,7 @@ def summarize(run: dict[str, Any], batch: int) -> dict[str, float]:
     result["images_per_s"] = 3 * batch / result["total"]
     result["best"] = min(run["times"]["total"])
     result["peak_mib"] = run["peak"] / MIB
+    result["gflop"] = run["flops"] / GIGA
     return result
 
 
@@ -245,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     header = (
         f"{'mode':<20}{'img/s':>8}{'step ms':>10}{'fwd ms':>9}{'bwd ms':>9}{'opt ms':>9}"
         f"{'ema ms':>9}{'peak MiB':>10}{'speed-up':>10}{'best ms':>9}{'best x':>8}"
-        f"{'cpu ms':>9}{'cpu x':>7}"
+        f"{'cpu ms':>9}{'cpu x':>7}{'GFLOP':>8}{'flop x':>8}"
     )
     print(header)
     print("-" * len(header))
@@ -258,6 +278,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['images_per_s'] / base['images_per_s']:>9.2f}x"
             f"{r['best'] * 1e3:>9.0f}{base['best'] / r['best']:>7.2f}x"
             f"{r['cpu'] * 1e3:>9.0f}{base['cpu'] / r['cpu']:>6.2f}x"
+            f"{r['gflop']:>8.1f}{base['gflop'] / r['gflop']:>7.2f}x"
         )
     # other processes on a shared machine slow every mode: the load average says how much
     print(f"load average (1 min) before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f}")

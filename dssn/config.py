@@ -160,6 +160,9 @@ class TuneConfig:
     # CPUs kept free per running trial for its Ray Data read/augment tasks (none: they starve)
     data_cpus: float = 1.0
     trial_cpus: float = 0.5  # the trial's own function: builds the TorchTrainer, then waits
+    # Tune restarts a failed trial this many times; its Train run continues from its last
+    # checkpoint (train.max_failures covers worker failures inside one run)
+    trial_retries: int = 0
 
 
 @dataclass

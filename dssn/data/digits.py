@@ -51,6 +51,7 @@ PALETTE = [
 ]
 SOURCE = "sklearn digits"
 GLYPH_MAX = 16.0  # load_digits intensities are 0..16
+GLYPH_MARGIN = 1  # empty source pixels around a glyph: the digit fills 8/10 of its box
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as PIL's convert("L")
 # random streams: scenes of each kind, and the class order of the prior
 STREAM = {"val": 0, "train": 1, "prior": 7}
@@ -68,8 +69,8 @@ class DigitsSpec:
     labeled_fraction: float = 1 / 16
     seed: int = 0
     scene_size: int = 64  # scenes are square
-    size_min: int = 30  # digit height and width in pixels, drawn uniformly
-    size_max: int = 44
+    size_min: int = 34  # side of a digit's box in pixels, drawn uniformly (the digit: 8/10)
+    size_max: int = 50
     digits_min: int = 1  # digits per scene, drawn uniformly
     digits_max: int = 3
     max_overlap: float = 0.2  # a digit's box covers at most this share of an earlier one's
@@ -160,10 +161,15 @@ def _pools(spec: DigitsSpec) -> dict[str, list[np.ndarray]]:
 
 
 def upscale_glyph(glyph: np.ndarray, size: int) -> np.ndarray:
-    """An 8×8 glyph (0..1) -> (size, size) in 0..1, bicubic so the blocks become strokes."""
+    """An 8×8 glyph (0..1) -> (size, size) in 0..1, bicubic so the blocks become strokes.
+
+    The glyph gets an empty margin of GLYPH_MARGIN source pixels first: many digits touch
+    their 8×8 frame, and their strokes would otherwise end in a straight cut at the box edge.
+    """
     from PIL import Image
 
-    img = Image.fromarray(glyph, mode="F")  # float32: no rounding before the resize
+    padded = np.pad(glyph, GLYPH_MARGIN)  # (8 + 2m, 8 + 2m)
+    img = Image.fromarray(padded, mode="F")  # float32: no rounding before the resize
     return np.clip(np.asarray(img.resize((size, size), Image.BICUBIC)), 0.0, 1.0)
 
 

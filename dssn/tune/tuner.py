@@ -268,6 +268,7 @@ def check_tune_config(cfg: Config) -> None:
         ("tune.reduction_factor", t.reduction_factor >= 2, "must be at least 2"),
         ("tune.data_cpus", t.data_cpus >= 0, "must not be negative"),
         ("tune.trial_cpus", t.trial_cpus >= 0, "must not be negative"),
+        ("tune.trial_retries", t.trial_retries >= 0, "must not be negative"),
     ]
     for key, ok, msg in checks:
         if not ok:
@@ -330,6 +331,7 @@ def build_tuner(cfg: Config, concurrent: int, callbacks: list | None = None):
             name=experiment_name(cfg),
             storage_path=experiment_storage(cfg),
             callbacks=callbacks,
+            failure_config=tune.FailureConfig(max_failures=cfg.tune.trial_retries),
             verbose=1,
         ),
     )

@@ -1,0 +1,227 @@
+"""Training on the session's real local Ray instance, on tiny digits shards.
+
+Each TorchTrainer start costs ~15-20 s here, so the scenarios share two runs:
+
+- the main run (through ``dssn train``): 2 CPU workers, 2 epochs; the loss of iteration 1 is
+  made NaN with ``nan_policy: skip``; rank 1 SIGKILLs itself at the first iteration of epoch 2
+  and Ray Train (``max_failures: 1``) restarts the workers from the epoch-1 checkpoint.
+  Its checkpoint then serves ``dssn eval`` (dssn and reference formats), ``dssn predict`` and
+  the architecture-mismatch error, all without Ray.
+- the NaN run: 1 worker, ``nan_policy: error``: stops naming the step; the epoch-1 checkpoint
+  stays intact.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from dssn.cli import main
+from dssn.config import Config, load_config
+from dssn.data.format import read_dataset_info
+from dssn.train import checkpoint as ckpt
+from dssn.train.inference import load_for_inference
+
+pytestmark = pytest.mark.ray
+
+ITERS = 3  # per epoch
+EPOCHS = 2
+KILL_AT = ITERS  # first iteration of epoch 2 (0-based global iteration)
+NAN_AT = 1  # second iteration of epoch 1
+
+
+def write_config(path: Path, shards: Path, storage: Path, **train) -> Path:
+    """A tiny experiment YAML: tiny backbone, 32 px crops, few iterations."""
+    classes = len(read_dataset_info(shards)["classes"])
+    data = {
+        "name": "tiny",
+        "model": {"backbone": "tiny", "width": 8, "num_classes": classes},
+        "optim": {"lr": 0.01},
+        "data": {"root": str(shards), "crop_size": 32, "batch_size": 2},
+        "train": {
+            "epochs": EPOCHS,
+            "iters_per_epoch": ITERS,
+            "log_every": 1,
+            "cpus_per_worker": 1,
+            "threads_per_worker": 1,
+            "storage": str(storage),
+            **train,
+        },
+    }
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint with the highest iteration among the run's checkpoint directories."""
+    dirs = [d for d in run_dir.glob("checkpoint_*") if ckpt.is_checkpoint_dir(d)]
+    assert dirs, f"no checkpoint in {run_dir}"
+    return max(dirs, key=lambda d: ckpt.read_state(d)["iteration"])
+
+
+@pytest.fixture(scope="module")
+def main_run(ray_instance, tiny_digits, tmp_path_factory):
+    """The 2-worker run through the CLI; returns (config path, run dir, final metrics, log)."""
+    tmp = tmp_path_factory.mktemp("main-run")
+    config = write_config(
+        tmp / "tiny.yaml",
+        tiny_digits,
+        tmp / "runs",
+        fail_at_iter=KILL_AT,
+        max_failures=1,
+        nan_at_iter=NAN_AT,
+        nan_policy="skip",
+        keep_checkpoints=1,
+    )
+    code = main(["train", "--config", str(config), "--workers", "2", "--name", "main"])
+    assert code == 0
+    run_dir = tmp / "runs" / "main"
+    metrics = json.loads((run_dir / "summary.json").read_text())
+    return config, run_dir, metrics
+
+
+def test_two_worker_run_reports_student_and_teacher_miou(main_run, tiny_digits):
+    _, run_dir, m = main_run
+    classes = len(read_dataset_info(tiny_digits)["classes"])
+    assert m["epoch"] == EPOCHS and m["iteration"] == EPOCHS * ITERS
+    for who in ("teacher", "student"):
+        assert 0.0 <= m[f"{who}_miou"] <= 1.0
+        assert len(m[f"{who}_iou"]) == classes
+        assert m[f"final_{who}_miou"] == m[f"{who}_miou"]
+    assert m["best_teacher_miou"] >= m["teacher_miou"]
+    assert 1 <= m["best_epoch"] <= EPOCHS
+    assert m["images_per_s"] > 0 and 0.0 <= m["data_wait"] <= 1.0
+    for key in ("loss", "loss_x", "loss_s1", "loss_img", "mask_ratio"):
+        assert np.isfinite(m[key]), key
+    # the run wrote its resolved config and a summary table beside its checkpoints
+    assert load_config(run_dir / "config.yaml").train.workers == 2
+    table = (run_dir / "summary.md").read_text()
+    assert "teacher final" in table and "mIoU" in table
+
+
+def test_killed_worker_run_resumes_from_the_checkpoint_iteration(main_run):
+    _, run_dir, m = main_run
+    assert (run_dir / f".fault_injected_at_iter_{KILL_AT}").is_file()  # rank 1 did die
+    assert m["restarts"] == 1
+    # the restarted workers began at the epoch-1 checkpoint's iteration, not at zero
+    assert m["resumed_from_iteration"] == ITERS
+    assert m["iteration"] == EPOCHS * ITERS
+
+
+def test_old_checkpoints_are_pruned_keeping_best_and_latest(main_run):
+    _, run_dir, m = main_run
+    kept = {d.name: ckpt.read_state(d) for d in run_dir.glob("checkpoint_epoch_*")}
+    latest = f"checkpoint_epoch_{EPOCHS:04d}"
+    # keep_checkpoints=1: the best by teacher mIoU, and the latest (always kept); the rest go
+    assert latest in kept and len(kept) <= 2
+    for name, state in kept.items():
+        assert name == latest or state["teacher_miou"] == m["best_teacher_miou"]
+    assert kept[latest]["teacher_miou"] == m["teacher_miou"]
+
+
+def test_nan_skip_policy_counts_across_the_restart(main_run):
+    _, _, m = main_run
+    assert m["nan_skipped"] == 1  # skipped in epoch 1, carried through the checkpoint
+
+
+def test_final_checkpoint_loads_without_ray(main_run):
+    _, run_dir, m = main_run
+    final = latest_checkpoint(run_dir)
+    state = ckpt.read_state(final)
+    assert state["epoch"] == EPOCHS and state["iteration"] == m["iteration"]
+    assert state["best_teacher_miou"] == pytest.approx(m["best_teacher_miou"])
+    loaded = load_for_inference(final)
+    assert set(loaded.models) == {"student", "teacher"}
+    assert len(torch.load(final / "rng.pt", weights_only=True)) == 2  # one state per worker
+
+
+def test_dssn_eval_reproduces_the_reported_miou(main_run, tiny_digits, tmp_path, capsys):
+    _, run_dir, m = main_run
+    final = latest_checkpoint(run_dir)
+    args = ["eval", "--checkpoint", str(final), "--data", str(tiny_digits), "--out", str(tmp_path)]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["teacher_miou"] == pytest.approx(m["teacher_miou"], abs=1e-6)
+    assert result["student_miou"] == pytest.approx(m["student_miou"], abs=1e-6)
+    assert (tmp_path / "eval.csv").read_text().startswith("class,student,teacher")
+    assert "| mIoU |" in (tmp_path / "eval.md").read_text()
+    assert "mIoU" in capsys.readouterr().out
+
+
+def test_eval_on_a_reference_format_checkpoint(main_run, tiny_digits, tmp_path):
+    config, run_dir, m = main_run
+    final = latest_checkpoint(run_dir)
+    weights = torch.load(final / "model.pt", weights_only=True)
+    reference = tmp_path / "best.pth"  # DSSN/UniMatch: {'model': DDP state dict}
+    torch.save({"model": {"module." + k: v for k, v in weights.items()}}, reference)
+    args = ["eval", "--checkpoint", str(reference), "--config", str(config),
+            "--data", str(tiny_digits), "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(args) == 0
+    result = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert result["student_miou"] == pytest.approx(m["student_miou"], abs=1e-6)
+    assert "teacher_miou" not in result  # the file holds only a 'model'
+
+
+def test_another_architecture_checkpoint_is_a_clear_error(main_run, tmp_path):
+    config, run_dir, _ = main_run
+    other = yaml.safe_load(Path(config).read_text())
+    other["model"]["width"] = 16
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
+    with pytest.raises(ckpt.CheckpointError) as err:
+        load_for_inference(latest_checkpoint(run_dir), config=tmp_path / "other.yaml")
+    msg = str(err.value)
+    assert "trained as backbone=tiny" in msg and "width=8" in msg
+    assert "the model here is backbone=tiny" in msg and "width=16" in msg
+    assert "shape mismatches" in msg
+
+
+def test_predict_writes_coloured_masks_and_overlays(main_run, tiny_digits, tmp_path):
+    _, run_dir, _ = main_run
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        array = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(array).save(images / f"scene{i}.png")
+    out = tmp_path / "pred"
+    final = latest_checkpoint(run_dir)
+    assert main(["predict", "--checkpoint", str(final), "--images", str(images),
+                 "--out", str(out)]) == 0  # fmt: skip
+    palette = {tuple(c) for c in read_dataset_info(tiny_digits)["palette"]}
+    for i in range(2):
+        mask = np.asarray(Image.open(out / f"scene{i}_mask.png"))
+        assert mask.shape == (40, 48, 3)
+        assert {tuple(c) for c in mask.reshape(-1, 3)} <= palette
+        assert (out / f"scene{i}_overlay.png").is_file()
+
+
+def test_nan_error_names_the_step_and_keeps_the_last_checkpoint(
+    ray_instance, tiny_digits, tmp_path
+):
+    from dssn.train.launcher import fit
+
+    iters = 2
+    config = write_config(
+        tmp_path / "nan.yaml",
+        tiny_digits,
+        tmp_path / "runs",
+        workers=1,
+        iters_per_epoch=iters,
+        nan_at_iter=iters + 1,  # second step of epoch 2
+        nan_policy="error",
+        name="nan",
+    )
+    cfg: Config = load_config(config)
+    with pytest.raises(Exception, match=r"non-finite loss \(nan\) at epoch 2/2, step 2/2") as err:
+        fit(cfg)
+    assert "global iteration 3" in str(err.value)
+    good = latest_checkpoint(tmp_path / "runs" / "nan")
+    state = ckpt.read_state(good)
+    assert state["epoch"] == 1 and state["iteration"] == iters  # epoch 1's, untouched
+    load_for_inference(good)  # and it is whole
