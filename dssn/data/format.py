@@ -364,14 +364,19 @@ def default_palette(num_classes: int) -> list[list[int]]:
 # ----------------------------------------------------------------------------- reading
 
 
-def read_shard_metadata(path: str | os.PathLike) -> tuple[int, dict[str, str]]:
-    """(row count, footer key/value metadata) of a shard, reading only its footer."""
+def _footer(path: str | os.PathLike) -> pq.FileMetaData:
+    """The Parquet footer of a shard; ShardError naming the file if it is unreadable."""
     fs, p = _fs(path)
     try:
         with fs.open_input_file(p) as f:
-            meta = pq.read_metadata(f)
+            return pq.read_metadata(f)
     except Exception as e:
         raise ShardError(f"{path}: not a readable Parquet shard: {e}") from e
+
+
+def read_shard_metadata(path: str | os.PathLike) -> tuple[int, dict[str, str]]:
+    """(row count, footer key/value metadata) of a shard, reading only its footer."""
+    meta = _footer(path)
     kv = {k.decode(): v.decode() for k, v in (meta.metadata or {}).items()}
     return meta.num_rows, {k: v for k, v in kv.items() if not k.startswith("ARROW:")}
 
@@ -393,12 +398,7 @@ def read_shard(path: str | os.PathLike, columns: list[str] | None = None) -> pa.
 
 def shard_row_groups(path: str | os.PathLike) -> list[int]:
     """Row counts of each row group of a shard (reads only the footer)."""
-    fs, p = _fs(path)
-    try:
-        with fs.open_input_file(p) as f:
-            meta = pq.read_metadata(f)
-    except Exception as e:
-        raise ShardError(f"{path}: not a readable Parquet shard: {e}") from e
+    meta = _footer(path)
     return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
 
 
