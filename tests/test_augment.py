@@ -213,3 +213,21 @@ def test_hue_matches_torchvision(shift):
     reference = TF.adjust_hue(image, shift).numpy()
     # hue quantised to 1/256 of a sextant: at most chroma / 256 * 6 ~ 1.5 grey levels off
     assert np.abs(ours - reference).max() <= 2 and np.abs(ours - reference).mean() < 0.2
+
+
+def test_hue_of_near_grey_pixels_stays_finite():
+    # a blur in float can leave max - min as a denormal (1e-44): 1 / chroma overflowed to inf,
+    # the hue became NaN and the table lookup crashed the digits run's Ray Data task
+    image = np.zeros((3, 4, 4), np.float32)
+    image[0, 0, 0] = 1e-44
+    image[:, 1] = 100.0
+    image[1, 1, 1] = np.nextafter(np.float32(100), np.float32(200))
+    out = A.hue(image.copy(), 0.3)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, image, atol=1e-3)  # grey stays grey
+
+
+def test_autocontrast_of_a_denormal_range_stays_finite():
+    image = np.zeros((3, 4, 4), np.float32)
+    image[0, 0, 0] = 1e-44  # hi > lo, but 255 / (hi - lo) overflows
+    assert np.isfinite(A.autocontrast(image.copy())).all()

@@ -162,6 +162,7 @@ def ignore_from_mask(mask: torch.Tensor) -> torch.Tensor:
 # torch's fused multiply-add. Parameters are drawn by the caller, so each op is a plain function.
 
 F32 = np.float32
+GREY_CHROMA = 1e-3  # max - min below this (on the 0..255 scale): a grey pixel, hue undefined
 HUE_LEVELS = 256  # hue resolution per sextant of the colour circle (PIL's HSV has 256 per turn)
 
 
@@ -229,7 +230,11 @@ def hue(x: np.ndarray, shift: float) -> np.ndarray:
     chroma = np.minimum(r, g)
     np.minimum(chroma, b, out=chroma)
     np.subtract(vmax, chroma, out=chroma)
-    scale = np.divide(F32(HUE_LEVELS), chroma, out=np.zeros_like(chroma), where=chroma > 0)
+    # grey pixels (chroma below GREY_CHROMA, far under one intensity level) keep hue 0: a
+    # float-rounding chroma (a denormal after blur) would otherwise overflow 1 / C to inf
+    scale = np.divide(
+        F32(HUE_LEVELS), chroma, out=np.zeros_like(chroma), where=chroma > GREY_CHROMA
+    )
     is_r = vmax == r
     is_g = vmax == g
     is_g &= ~is_r
@@ -291,7 +296,7 @@ def autocontrast(x: np.ndarray) -> np.ndarray:
     lo = x.min(axis=(1, 2))
     hi = x.max(axis=(1, 2))
     for c in range(3):
-        if hi[c] > lo[c]:
+        if hi[c] - lo[c] > GREY_CHROMA:  # a denormal range would stretch by inf (NaN)
             x[c] -= lo[c]
             x[c] *= F32(MAX_VALUE / (hi[c] - lo[c]))
     return _clip(x)
