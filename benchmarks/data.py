@@ -241,8 +241,9 @@ def ray_rate(root: str, cfg: DataConfig, cpus: int, rows: int, passes: int = 3) 
     import ray
 
     from dssn.config import Config
+    from dssn.train.launcher import init_ray
 
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    init_ray(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     try:
         full = Config()
         full.data = cfg

@@ -1,4 +1,5 @@
-"""The ``dssn`` command: ``prepare``, ``train``, ``eval``, ``predict``, ``tune``, ``results``.
+"""The ``dssn`` command: ``prepare``, ``train``, ``eval``, ``predict``, ``compare``, ``tune``,
+``results``.
 
 Each room registers its own subcommands (``register(subparsers)``) and imports its heavy
 dependencies (Ray, torch) only when its command runs, so ``dssn --help`` is instant.

@@ -231,3 +231,70 @@ def test_autocontrast_of_a_denormal_range_stays_finite():
     image = np.zeros((3, 4, 4), np.float32)
     image[0, 0, 0] = 1e-44  # hi > lo, but 255 / (hi - lo) overflows
     assert np.isfinite(A.autocontrast(image.copy())).all()
+
+
+@pytest.mark.parametrize(
+    "out_h, out_w, top, left",
+    [(135, 180, 20, 50), (60, 80, 5, 9), (30, 40, 0, 0), (76, 101, 28, 53)],
+    ids=["upscale", "slight-upscale", "downscale-padded", "crop-at-corner"],
+)
+def test_flipped_crop_mirrors_the_unflipped_one(out_h, out_w, top, left):
+    # the flip is folded into the resampling (columns read right to left), not a copy after it
+    image, mask = blocks_image(60, 80, block=7)
+    image = (image.long() * 3 + smooth_image(60, 80).long()).clamp(0, 255).to(torch.uint8)
+    geo = {"out_h": out_h, "out_w": out_w, "top": top, "left": left, "flip": False}
+    plain_image, plain_mask = A.apply_geometry(image, mask, geo, CROP, 255)
+    flip_image, flip_mask = A.apply_geometry(image, mask, {**geo, "flip": True}, CROP, 255)
+    assert torch.equal(flip_image, plain_image.flip(-1))
+    assert torch.equal(flip_mask, plain_mask.flip(-1))
+
+
+GREY_OPS = [(name, apply, draw) for name, draw, apply in A.RANDOM_OPS] + [
+    ("random_blur", A.gaussian_blur, lambda c, rng: float(rng.uniform(0.1, 2.0)))
+]
+
+
+@pytest.mark.parametrize("name, apply, draw", GREY_OPS, ids=[o[0] for o in GREY_OPS])
+def test_grey_view_ops_equal_their_three_channel_result(name, apply, draw):
+    # after RandomGrayscale a strong view carries one channel: every op on it must equal the
+    # op on the three equal channels (colour ops leave a grey image as it is)
+    grey = A.grayscale(A.contrast(as_float(smooth_image(40, 40, seed=2)), 0.8))
+    for seed in range(5):
+        value = draw(cfg(), np.random.default_rng(seed))
+        three = apply(grey.copy(), value)
+        one = apply(grey[:1].copy(), value)
+        assert one.shape == (1, 40, 40)
+        np.testing.assert_allclose(np.broadcast_to(one, three.shape), three, atol=1e-3)
+
+
+def test_strong_view_after_grayscale_is_grey():
+    image = smooth_image(40, 40, seed=3)
+    always = cfg(grayscale_p=1.0)
+    for seed in range(10):
+        view = A.strong_view(image, always, np.random.default_rng(seed))
+        assert view.shape == (3, 40, 40) and view.dtype == torch.uint8
+        assert torch.equal(view[0], view[1]) and torch.equal(view[0], view[2])
+
+
+def test_hue_of_pure_and_tied_colours_matches_torchvision():
+    # the max/min ties (r = g, g = b, ...) and the six corners of the colour hexagon
+    levels = torch.tensor([0, 40, 128, 200, 255], dtype=torch.uint8)
+    r, g, b = torch.meshgrid(levels, levels, levels, indexing="ij")
+    image = torch.stack([r, g, b]).reshape(3, 5, 25)
+    for shift in (-0.5, -0.3, -1 / 6, 0.05, 1 / 3, 0.5):
+        ours = A.hue(as_float(image), shift)
+        reference = TF.adjust_hue(image, shift).numpy()
+        assert np.abs(ours - reference).max() <= 2
+
+
+def test_ops_stay_finite_on_extreme_values():
+    # denormals (a blur's float rounding), exact 0 and 255, and the channel ties between them
+    image = np.zeros((3, 6, 6), np.float32)
+    image[:, :3] = 255.0
+    image[0, 0, 0] = image[1, 4, 4] = 1e-44
+    image[2, 5, 5] = np.nextafter(np.float32(255), np.float32(0))
+    for name, draw, apply in A.RANDOM_OPS:
+        for seed in range(3):
+            out = apply(image.copy(), draw(cfg(), np.random.default_rng(seed)))
+            assert np.isfinite(out).all(), name
+            assert out.min() >= -1e-3 and out.max() <= 255 + 1e-3, name

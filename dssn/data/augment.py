@@ -10,10 +10,11 @@ numpy ``Generator`` passed in, so the same seed gives the same output::
 Speed (benchmarks/data.py): the reference runs each op as a PIL round trip on the whole
 rescaled image. Here the crop window is resampled directly (only pixels that survive the crop
 are computed; the result equals PIL's resize + pad + crop to a grey level, masks exactly), and
-a strong view is a chain of in-place float32 numpy ops on the crop (torch for the blur's fused
-multiply-adds), rounded to uint8 once at the end (the reference rounds after every op; the
-difference is a grey level or two). The pipeline ships ignore masks and CutMix boxes as a few
-numbers (``unlabeled_views``) and rebuilds the masks in the consumer.
+a strong view is a chain of in-place float32 ops on the crop (numpy, and torch's fused kernels
+where they save a pass), rounded to uint8 once at the end (the reference rounds after every op;
+the difference is a grey level or two). After RandomGrayscale a view carries one channel. The
+pipeline ships ignore masks and CutMix boxes as a few numbers (``unlabeled_views``) and rebuilds
+the masks in the consumer.
 """
 
 from __future__ import annotations
@@ -82,38 +83,46 @@ def _linear_taps(start: int, n: int, in_size: int, out_size: int):
     return lo, hi, torch.from_numpy((src - lo).astype(np.float32))
 
 
-def _resample_window(image: torch.Tensor, out_h: int, out_w: int, top, left, rows, cols):
-    """Rows top..top+rows, cols left..left+cols of ``image`` resized to (out_h, out_w)."""
+def _resample_window(image: torch.Tensor, out_h: int, out_w: int, top, left, rows, cols, flip):
+    """Rows top..top+rows, cols left..left+cols of ``image`` resized to (out_h, out_w), as a
+    (3, rows, cols) array (uint8, or float holding whole numbers), mirrored if ``flip``."""
     _, h, w = image.shape
     if out_h < h or out_w < w:
         # downscaling needs an antialiasing filter (as PIL's BILINEAR); the result is small
-        small = TF.resize(image, [out_h, out_w], antialias=True)
-        return small[:, top : top + rows, left : left + cols]
-    # upscaling: bilinear taps for just the window, never the whole enlarged image.
-    # Gathers in numpy (np.take is several times faster than torch indexing on CPU).
+        small = TF.resize(image, [out_h, out_w], antialias=True).numpy()
+        window = small[:, top : top + rows, left : left + cols]
+        return window[..., ::-1] if flip else window
+    # upscaling: bilinear taps for just the window, never the whole enlarged image. Both
+    # passes gather whole rows (numpy fancy indexing: a memcpy per row; column gathers and
+    # np.take are ~10x slower), so the columns pass runs on the transposed source region,
+    # and the region is transposed back (on the small side of the upscale) for the rows pass.
     y0, y1, wy = _linear_taps(top, rows, h, out_h)
     x0, x1, wx = _linear_taps(left, cols, w, out_w)
-    c_lo, c_hi = int(x0[0]), int(x1[-1]) + 1
-    band = image[:, :, c_lo:c_hi].numpy()  # (3, H, cols_src) uint8
-    top_rows = torch.from_numpy(np.take(band, y0, axis=1)).float()  # (3, rows, cols_src)
-    low_rows = torch.from_numpy(np.take(band, y1, axis=1)).float()
-    band = torch.lerp(top_rows, low_rows, wy[:, None]).numpy()
-    left_cols = torch.from_numpy(np.take(band, x0 - c_lo, axis=2))  # (3, rows, cols)
-    right_cols = torch.from_numpy(np.take(band, x1 - c_lo, axis=2))
-    out = torch.lerp(left_cols, right_cols, wx)
-    return out.round_().clamp_(0, MAX_VALUE).to(torch.uint8)
+    if flip:  # mirror by reading the columns right to left
+        x0, x1, wx = x0[::-1], x1[::-1], wx.flip(0)
+    r_lo, c_lo = int(y0[0]), int(min(x0[0], x0[-1]))
+    region = image[:, r_lo : int(y1[-1]) + 1, c_lo : int(max(x1[0], x1[-1])) + 1]
+    region = np.ascontiguousarray(region.numpy().transpose(0, 2, 1))  # (3, cols_src, rows_src)
+    left_cols = torch.from_numpy(region[:, x0 - c_lo]).float()  # (3, cols, rows_src)
+    right_cols = torch.from_numpy(region[:, x1 - c_lo]).float()
+    across = torch.lerp(left_cols, right_cols, wx[:, None]).transpose(1, 2).contiguous().numpy()
+    top_rows = torch.from_numpy(across[:, y0 - r_lo])  # (3, rows, cols)
+    low_rows = torch.from_numpy(across[:, y1 - r_lo])
+    out = torch.lerp(top_rows, low_rows, wy[:, None]).numpy()  # in [0, 255]: no clamp needed
+    return np.rint(out, out=out)
 
 
 def _place(window: np.ndarray, out: np.ndarray, flip: bool, fill: int) -> None:
-    """Write ``window`` (..., rows, cols) into the top-left of ``out`` (..., S, S), or
-    top-right mirrored if ``flip``; the rest of ``out`` (padding) becomes ``fill``."""
+    """Write ``window`` (..., rows, cols) into the top-left of ``out`` (..., S, S), or the
+    top-right if ``flip`` (the window is already mirrored); the rest of ``out`` (padding)
+    becomes ``fill``. A float window (whole numbers in [0, 255]) is cast on the way."""
     rows, cols = window.shape[-2:]
     size = out.shape[-1]
     if flip:
-        out[..., :rows, size - cols :] = window[..., ::-1]
+        np.copyto(out[..., :rows, size - cols :], window, casting="unsafe")
         out[..., :rows, : size - cols] = fill
     else:
-        out[..., :rows, :cols] = window
+        np.copyto(out[..., :rows, :cols], window, casting="unsafe")
         out[..., :rows, cols:] = fill
     out[..., rows:, :] = fill
 
@@ -137,15 +146,17 @@ def apply_geometry(
     rows, cols = min(crop, out_h - top), min(crop, out_w - left)  # the part that is not padding
     if out is None:
         out = np.empty((3, crop, crop), dtype=np.uint8)
-    window = _resample_window(image, out_h, out_w, top, left, rows, cols)
-    _place(window.numpy(), out, bool(geo["flip"]), 0)
+    flip = bool(geo["flip"])
+    _place(_resample_window(image, out_h, out_w, top, left, rows, cols, flip), out, flip, 0)
     out_mask = None
     if mask is not None:
         ys = _nearest_index(top, rows, h, out_h)
         xs = _nearest_index(left, cols, w, out_w)
-        picked = np.take(np.take(mask.numpy(), ys, axis=0), xs, axis=1)
+        if flip:
+            xs = xs[::-1]
+        picked = mask.numpy()[ys][:, xs]
         out_mask = np.empty((crop, crop), dtype=np.uint8)
-        _place(picked, out_mask, bool(geo["flip"]), pad_value)
+        _place(picked, out_mask, flip, pad_value)
         out_mask = torch.from_numpy(out_mask)
     return torch.from_numpy(out), out_mask
 
@@ -156,51 +167,74 @@ def ignore_from_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- colour ops
-# Each op takes a float32 numpy array (3, H, W) with values in [0, 255] and returns one (often
-# the same array, changed in place). Numpy, not torch, for most of them: at these sizes numpy's
-# comparisons, selections and table lookups are several times faster on CPU; the blur uses
-# torch's fused multiply-add. Parameters are drawn by the caller, so each op is a plain function.
+# Each op takes a float32 numpy array (C, H, W) with values in [0, 255] and returns one (often
+# the same array, changed in place). C is 3, or 1 for a grey image: after RandomGrayscale a
+# strong view carries one channel (the three are equal), so every later op does a third of the
+# work; colour ops (saturation, hue) leave a grey image as it is. Parameters are drawn by the
+# caller, so each op is a plain function.
+#
+# Speed (per op ~0.1-1 ms on a 321 crop, memory-bound): each full pass over the image costs
+# ~15 us per channel, so the ops are written for few passes: torch's fused kernels where they
+# save one (add_ with alpha, lerp, index_select), numpy for comparisons and selections, and no
+# clip where the result is a convex combination of values in [0, 255] (factor in [0, 1]).
 
 F32 = np.float32
 GREY_CHROMA = 1e-3  # max - min below this (on the 0..255 scale): a grey pixel, hue undefined
 HUE_LEVELS = 256  # hue resolution per sextant of the colour circle (PIL's HSV has 256 per turn)
 
 
+def _t(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(x)
+
+
 def _gray(x: np.ndarray) -> np.ndarray:
-    """(3, H, W) -> (H, W) luma."""
+    """(C, H, W) -> (H, W) luma (a new array; a grey image's own channel)."""
+    if len(x) == 1:
+        return x[0].copy()
     r, g, b = GRAY_WEIGHTS
-    gray = x[0] * F32(r)
-    gray += x[1] * F32(g)
-    gray += x[2] * F32(b)
-    return gray
+    gray = torch.mul(_t(x[0]), r)
+    gray.add_(_t(x[1]), alpha=g)
+    gray.add_(_t(x[2]), alpha=b)
+    return gray.numpy()
 
 
 def _clip(x: np.ndarray) -> np.ndarray:
     return np.clip(x, 0, MAX_VALUE, out=x)
 
 
+def _blend_clip(x: np.ndarray, factor: float) -> np.ndarray:
+    """Clip after a blend ``factor * x + (1 - factor) * other``: needed only when it
+    extrapolates (factor outside [0, 1]); a convex combination stays in [0, 255]."""
+    return x if 0.0 <= factor <= 1.0 else _clip(x)
+
+
 def brightness(x: np.ndarray, factor: float) -> np.ndarray:
     """Blend with black (PIL ImageEnhance.Brightness)."""
     x *= F32(factor)
-    return np.minimum(x, MAX_VALUE, out=x)
+    return _blend_clip(x, factor)
 
 
 def contrast(x: np.ndarray, factor: float) -> np.ndarray:
     """Blend with the image's mean grey level (PIL ImageEnhance.Contrast)."""
-    means = x.mean(axis=(1, 2), dtype=np.float64)
-    mean = float(np.dot(GRAY_WEIGHTS, means))
+    sums = _t(x).sum(dim=(1, 2)).tolist()  # float32 cascade sums: ~1e-5 of a level
+    if len(sums) == 3:
+        r, g, b = GRAY_WEIGHTS
+        mean = (r * sums[0] + g * sums[1] + b * sums[2]) / x[0].size
+    else:
+        mean = sums[0] / x[0].size
     x *= F32(factor)
     x += F32((1 - factor) * mean)
-    return _clip(x)
+    return _blend_clip(x, factor)
 
 
 def saturation(x: np.ndarray, factor: float) -> np.ndarray:
     """Blend with the grey image (PIL ImageEnhance.Color)."""
-    gray = _gray(x)
-    gray *= F32(1 - factor)
-    x *= F32(factor)
-    x += gray
-    return _clip(x)
+    if len(x) == 1:  # already grey
+        return x
+    gray = _t(_gray(x))
+    for plane in x:
+        _t(plane).lerp_(gray, 1 - factor)  # factor * x + (1 - factor) * gray, one pass
+    return _blend_clip(x, factor)
 
 
 def _hue_profiles() -> np.ndarray:
@@ -215,47 +249,44 @@ def _hue_profiles() -> np.ndarray:
 
 
 HUE_PROFILES = _hue_profiles()
+HUE_PROFILES_T = torch.from_numpy(HUE_PROFILES)
 
 
 def hue(x: np.ndarray, shift: float) -> np.ndarray:
     """Rotate the HSV hue by ``shift`` (in [-0.5, 0.5]) of a full turn, as PIL / torchvision.
 
     Value V = max and chroma C = max - min are kept; only the hue angle H (in sextants) moves,
-    and channel n becomes V - C * P_n(H). The hue is quantised to 1/256 of a sextant (PIL's
-    HSV keeps 1/256 of a turn) so that P_n is a table lookup.
+    and channel n becomes V - C * P_n(H) = lerp(V, min, P_n(H)). The hue is quantised to 1/256
+    of a sextant (PIL's HSV keeps 1/256 of a turn) so that P_n is a table lookup.
     """
+    if len(x) == 1:  # grey: no hue to rotate
+        return x
     r, g, b = x
     vmax = np.maximum(r, g)
     np.maximum(vmax, b, out=vmax)
-    chroma = np.minimum(r, g)
-    np.minimum(chroma, b, out=chroma)
-    np.subtract(vmax, chroma, out=chroma)
-    # grey pixels (chroma below GREY_CHROMA, far under one intensity level) keep hue 0: a
-    # float-rounding chroma (a denormal after blur) would otherwise overflow 1 / C to inf
-    scale = np.divide(
-        F32(HUE_LEVELS), chroma, out=np.zeros_like(chroma), where=chroma > GREY_CHROMA
-    )
-    is_r = vmax == r
-    is_g = vmax == g
-    is_g &= ~is_r
-    # hue in sextants: blue max 4 + (r - g) / C, green max 2 + (b - r) / C, red max (g - b) / C
-    # (selected by 0/1 masks: np.where is several times slower here)
-    h = r - g
-    for value, mask in ((b - r, is_g), (g - b, is_r)):
-        value -= h
-        value *= mask
-        h += value
-    h *= scale  # in levels, [-L, L]
-    offset = 4 * HUE_LEVELS + round(shift * 6 * HUE_LEVELS) + 6 * HUE_LEVELS  # >= 0 for all
-    base = is_g * F32(-2 * HUE_LEVELS)
-    base -= is_r * F32(4 * HUE_LEVELS)
-    base += F32(offset)
-    h += base
-    index = h.astype(np.int32)  # < 15 L: inside the tiled profiles
+    vmin = np.minimum(r, g)
+    np.minimum(vmin, b, out=vmin)
+    chroma = np.subtract(vmax, vmin)
+    # 1 / C, with C floored at GREY_CHROMA (far under one intensity level): a float-rounding
+    # chroma (a denormal after blur) would otherwise overflow to inf and the hue to NaN. The
+    # hue numerator below is at most C, so a grey pixel gets a finite hue and keeps V - C * P,
+    # within C of its value.
+    scale = np.maximum(chroma, F32(GREY_CHROMA))
+    np.divide(F32(HUE_LEVELS), scale, out=scale)
+    # hue in sextants times C: blue max 4 C + r - g, green max 2 C + b - r, red max g - b
+    # (a tie goes to red, then green, as torchvision's rgb_to_hsv)
+    h = torch.sub(_t(r), _t(g)).add_(_t(chroma), alpha=4).numpy()
+    case = torch.sub(_t(b), _t(r)).add_(_t(chroma), alpha=2).numpy()
+    np.copyto(h, case, where=vmax == g)
+    np.subtract(g, b, out=case)
+    np.copyto(h, case, where=vmax == r)
+    h *= scale  # in levels, [-L, 5 L]
+    h += F32(6 * HUE_LEVELS + round(shift * 6 * HUE_LEVELS))  # > 0: truncation is floor
+    index = _t(h.astype(np.int32)).view(-1)  # < 15 L: inside the tiled profiles
+    top, bottom = _t(vmax), _t(vmin)
     for i in range(3):
-        channel = np.take(HUE_PROFILES[i], index)
-        channel *= chroma
-        np.subtract(vmax, channel, out=x[i])
+        profile = torch.index_select(HUE_PROFILES_T[i], 0, index).view(top.shape)
+        torch.lerp(top, bottom, profile, out=_t(x[i]))
     return x
 
 
@@ -265,29 +296,33 @@ def grayscale(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def _gaussian_kernel(sigma: float, radius: int) -> list[float]:
+    weights = [math.exp(-(i * i) / (2 * sigma * sigma)) for i in range(-radius, radius + 1)]
+    total = math.fsum(weights)
+    return [w / total for w in weights]
+
+
 def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
     """Separable Gaussian blur, reflect-padded, radius ceil(3 sigma).
 
-    One channel at a time (its passes then stay in the CPU cache: ~1.5x faster here), each
-    pass a chain of torch's fused multiply-adds over shifted views.
+    Each pass is a chain of torch's fused multiply-adds over shifted views (one full pass per
+    tap: this costs ~15 us a channel, the Python dispatch of each ~2 us, so all channels go
+    through one chain). torch's conv1d/conv2d for these one-channel kernels are 2-4x slower.
     """
     _, h, w = x.shape
     radius = min(math.ceil(BLUR_TRUNCATE * sigma), h - 1, w - 1)
     if radius < 1:
         return x
-    taps = np.arange(-radius, radius + 1, dtype=np.float64)
-    kernel = np.exp(-(taps**2) / (2 * sigma**2))
-    kernel = (kernel / kernel.sum()).tolist()
-    for c in range(3):
-        padded = F.pad(torch.from_numpy(x[c])[None, None], (radius,) * 4, mode="reflect")[0, 0]
-        # (H + 2r, W + 2r) -> horizontal pass (H + 2r, W) -> vertical pass (H, W)
-        across = padded[:, :w] * kernel[0]
-        for i in range(1, 2 * radius + 1):
-            across.add_(padded[:, i : i + w], alpha=kernel[i])
-        out = torch.from_numpy(x[c])
-        torch.mul(across[:h], kernel[0], out=out)
-        for i in range(1, 2 * radius + 1):
-            out.add_(across[i : i + h], alpha=kernel[i])
+    kernel = _gaussian_kernel(sigma, radius)
+    padded = F.pad(_t(x)[None], (radius,) * 4, mode="reflect")[0]
+    # (C, H + 2r, W + 2r) -> horizontal pass (C, H + 2r, W) -> vertical pass (C, H, W)
+    across = torch.mul(padded.narrow(2, 0, w), kernel[0])
+    for i in range(1, 2 * radius + 1):
+        across.add_(padded.narrow(2, i, w), alpha=kernel[i])
+    out = _t(x)
+    torch.mul(across.narrow(1, 0, h), kernel[0], out=out)
+    for i in range(1, 2 * radius + 1):
+        out.add_(across.narrow(1, i, h), alpha=kernel[i])
     return x
 
 
@@ -295,27 +330,27 @@ def autocontrast(x: np.ndarray) -> np.ndarray:
     """Stretch each channel's range to [0, 255] (PIL ImageOps.autocontrast, cutoff 0)."""
     lo = x.min(axis=(1, 2))
     hi = x.max(axis=(1, 2))
-    for c in range(3):
+    for c, plane in enumerate(x):
         if hi[c] - lo[c] > GREY_CHROMA:  # a denormal range would stretch by inf (NaN)
-            x[c] -= lo[c]
-            x[c] *= F32(MAX_VALUE / (hi[c] - lo[c]))
+            plane -= lo[c]
+            plane *= F32(MAX_VALUE / (hi[c] - lo[c]))
     return _clip(x)
 
 
 def equalize(x: np.ndarray) -> np.ndarray:
     """Histogram equalization per channel (PIL ImageOps.equalize's lookup table)."""
     levels = int(MAX_VALUE) + 1
-    q = np.rint(x).astype(np.uint8)  # x is in [0, 255]
-    for c in range(3):
-        hist = np.bincount(q[c].ravel(), minlength=levels)
+    q = _t(np.rint(x).astype(np.uint8))  # x is in [0, 255]
+    for c, plane in enumerate(x):
+        hist = torch.bincount(q[c].view(-1), minlength=levels).numpy()
         last = hist[np.flatnonzero(hist)[-1]]
         step = (hist.sum() - last) // (levels - 1)
         if step == 0:
-            x[c] = q[c]
+            plane[:] = q[c].numpy()
             continue
         below = np.cumsum(hist) - hist  # pixels strictly below each level
         lut = np.minimum((below + step // 2) // step, levels - 1).astype(F32)
-        np.take(lut, q[c], out=x[c])
+        torch.index_select(_t(lut), 0, q[c].view(-1).int(), out=_t(plane).view(-1))
     return x
 
 
@@ -324,21 +359,18 @@ def sharpness(x: np.ndarray, factor: float) -> np.ndarray:
 
     SMOOTH = [[1,1,1],[1,5,1],[1,1,1]] / 13, so inside the border
     out = x + (1 - factor) * (smooth - x) = x + (1 - factor) / 13 * (box3x3 - 9 x).
-    One channel at a time, to stay in the CPU cache.
     """
     if x.shape[1] < 3 or x.shape[2] < 3:
         return x
-    weight = F32((1 - factor) / 13)
-    for plane in x:
-        rows = plane[:-2] + plane[1:-1]
-        rows += plane[2:]
-        box = rows[:, :-2] + rows[:, 1:-1]
-        box += rows[:, 2:]
-        centre = plane[1:-1, 1:-1]
-        box -= centre * F32(9)
-        box *= weight
-        centre += box
-    return _clip(x)
+    t = _t(x)
+    rows = t[:, :-2] + t[:, 1:-1]
+    rows += t[:, 2:]
+    box = rows[:, :, :-2] + rows[:, :, 1:-1]
+    box += rows[:, :, 2:]
+    centre = t[:, 1:-1, 1:-1]
+    box.add_(centre, alpha=-9)
+    centre.add_(box, alpha=(1 - factor) / 13)
+    return _blend_clip(x, factor)
 
 
 def posterize(x: np.ndarray, bits: int) -> np.ndarray:
@@ -355,7 +387,7 @@ def solarize(x: np.ndarray, threshold: int) -> np.ndarray:
     """Invert values >= threshold (threshold 256: unchanged)."""
     np.rint(x, out=x)
     flipped = F32(MAX_VALUE) - F32(2) * x  # x + flipped = 255 - x
-    flipped *= x >= threshold
+    flipped *= x >= threshold  # (a masked subtract or np.where is slower)
     x += flipped
     return x
 
@@ -431,7 +463,7 @@ def strong_view(
         x = _color_jitter(x, cfg, rng)
         log.append("color_jitter")
     if rng.random() < cfg.grayscale_p:
-        x = grayscale(x)
+        x = _gray(x)[None]  # one channel from here on (grayscale(x) with the copies left out)
         log.append("random_grayscale")
     if rng.random() < cfg.blur_p:
         x = gaussian_blur(x, float(rng.uniform(*cfg.blur_sigma)))
@@ -442,8 +474,9 @@ def strong_view(
         x = apply(x, draw(cfg, rng))
         log.append(name)
     if out is None:
-        out = np.empty(x.shape, dtype=np.uint8)
-    np.copyto(out, _clip(np.rint(x, out=x)), casting="unsafe")  # exact: integers in [0, 255]
+        out = np.empty(tuple(image.shape), dtype=np.uint8)
+    # exact: integers in [0, 255]; a grey view's one channel is broadcast to three
+    np.copyto(out, _clip(np.rint(x, out=x)), casting="unsafe")
     return torch.from_numpy(out)
 
 

@@ -1,9 +1,10 @@
-"""``dssn train``, ``dssn eval`` and ``dssn predict``.
+"""``dssn train``, ``dssn eval``, ``dssn predict`` and ``dssn compare``.
 
     dssn train --config configs/digits.yaml [--workers N] [--gpus-per-worker G]
                [--cpus-per-worker C] [--storage PATH] [--name NAME] [key=value ...]
     dssn eval --checkpoint DIR|FILE.pth --data SHARDS [--mode M] [--out DIR]
     dssn predict --checkpoint DIR --images DIR --out DIR
+    dssn compare RUN_DIR [RUN_DIR ...] [--which final|best] [--out DIR]
 
 Heavy imports (torch, Ray) happen inside the handlers so ``dssn --help`` stays instant.
 """
@@ -41,6 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="directory for eval.csv / eval.md (default: beside the ckpt)")
     p.set_defaults(func=eval_command)
 
+    p = sub.add_parser("compare", help="per-class teacher IoU of finished runs side by side")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (<storage>/<name>)")
+    p.add_argument("--which", choices=("final", "best"), default="final", help="epoch to show")
+    p.add_argument("--out", help="also write compare.csv and compare.md into this directory")
+    p.set_defaults(func=_compare)
+
     p = sub.add_parser("predict", help="coloured masks and overlays for a folder of images")
     _checkpoint_args(p)
     p.add_argument("--images", required=True, help="folder of .png/.jpg images")
@@ -77,6 +84,12 @@ def train_overrides(args: argparse.Namespace) -> list[str]:
         if value is not None:
             out.append(f"{key}={value}")
     return out
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from dssn.train.compare import compare_command
+
+    return compare_command(args)
 
 
 def train_command(args: argparse.Namespace) -> int:

@@ -23,6 +23,8 @@ from dssn.config import Config, ConfigError, from_dict
 # for them it waits forever (Ray 2.60), so at least this many must stay free.
 MIN_FREE_DATA_CPUS = 1
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray processes' State API clients go
+WORKER_LIMIT_ENV = "RAY_num_workers_soft_limit"  # idle worker processes Ray keeps alive
+IDLE_WORKERS = 8
 CONFIG_FILE = "config.yaml"
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # written by Ray Train V2 in the run dir
 
@@ -97,7 +99,7 @@ def ensure_ray(cfg: Config) -> bool:
     if ray.is_initialized():
         return False
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()  # joins the cluster named by RAY_ADDRESS
+        init_ray()  # joins the cluster named by RAY_ADDRESS
         return True
     cores = os.cpu_count() or 1
     start_local_ray(max(cores, math.ceil(train_cpus(cfg) + MIN_FREE_DATA_CPUS)))
@@ -119,14 +121,29 @@ def start_local_ray(num_cpus: int, **kwargs) -> None:
     Ray instances") or asks the wrong one. So the dashboard gets a known port and
     ``RAY_API_SERVER_ADDRESS`` names it in the environment the Ray processes inherit.
     """
-    import ray
 
     port = free_port()
     os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    # Ray keeps at most num_cpus idle workers and kills the rest after 1 s; the read / augment
+    # tasks of a run's three Ray Data streams then start a fresh Python (~3 CPU-s of imports)
+    # every few seconds: ~15% of a 2-core machine. Keep a few more.
+    os.environ.setdefault(WORKER_LIMIT_ENV, str(max(num_cpus, IDLE_WORKERS)))
     # Ray Data's progress bars, streamed from every worker to the driver, drown the training
     # log lines (which report images/s and data wait); set it to 0 to see them
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_port=port, **kwargs)
+    init_ray(num_cpus=num_cpus, include_dashboard=True, dashboard_port=port, **kwargs)
+
+
+def init_ray(**kwargs) -> None:
+    """``ray.init(**kwargs)`` with Ray Data's scheduling loop paced in every process of the job
+    (``dssn.data.pacing``: unpaced, the idle loops of a Train run's three streams took half
+    of a 2-core machine)."""
+    import ray
+
+    from dssn.data import pacing
+
+    pacing.install()  # this process's own Ray Data pipelines
+    ray.init(runtime_env=pacing.runtime_env(kwargs.pop("runtime_env", None)), **kwargs)
 
 
 def check_resources(cfg: Config) -> None:

@@ -168,9 +168,11 @@ def connect(address: str | None) -> bool:
     """Join the Ray cluster at ``address`` if one is named; True when connected here."""
     import ray
 
+    from dssn.train.launcher import init_ray
+
     if not address or ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
         return False
-    ray.init(address=address)
+    init_ray(address=address)
     return True
 
 

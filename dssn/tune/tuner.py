@@ -30,10 +30,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 from typing import Any
 
 from dssn.config import Config, ConfigError, from_dict, set_values
+from dssn.train.launcher import init_ray, start_local_ray
 from dssn.tune import files
 from dssn.tune.space import (
     apply_params,
@@ -50,7 +50,6 @@ CONFIG_FILE = "config.yaml"
 TIME_ATTR = "epoch"  # ASHA compares trials at epochs (survives a Train restart, unlike iterations)
 TRAIN_RUN_NAME = "train"  # a trial's Train run: <experiment>/trial_<id>/train
 EPS = 1e-9  # float slack when dividing resources
-API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where the State API clients of Ray processes go
 
 
 # ----------------------------------------------------------------------------- names and paths
@@ -117,35 +116,13 @@ def ensure_ray(cfg: Config) -> bool:
     if ray.is_initialized():
         return False
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+        init_ray()
         return True
     cpus, _ = trial_demand(cfg)
     wanted = cpus * (cfg.tune.max_concurrent_trials or 1)
+    # the dashboard's State API lets Ray Train free the workers of trials that ASHA ends
     start_local_ray(max(os.cpu_count() or 1, math.ceil(wanted - EPS)))
     return True
-
-
-def start_local_ray(num_cpus: int) -> None:
-    """A local Ray instance with its dashboard, whose State API every Ray process finds.
-
-    Ray Train's placement-group cleaner needs the State API (the dashboard) to free the workers
-    of trials that ASHA ends; ``RAY_API_SERVER_ADDRESS`` in the environment the Ray processes
-    inherit points every State API client at this instance, not at whichever Ray instance
-    auto-detection finds first on a shared machine (see also :func:`run_trial`).
-    """
-    import ray
-
-    port = free_port()
-    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
-    # concurrent trials' Ray Data progress bars interleave into noise; set it to 0 to see them
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_port=port)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- the trial

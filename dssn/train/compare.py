@@ -1,0 +1,89 @@
+"""Side by side per-class IoU of finished runs: ``dssn compare RUN_DIR [RUN_DIR ...]``.
+
+Reads each run's ``summary.json`` (written by ``dssn train`` when a run ends) and prints one
+column per run: the teacher's final-epoch IoU per class (``--which best`` for its best epoch),
+the mIoU, and the mean over the rarest classes of the dataset's training prior (digits: the
+three rarest digits), where a single global confidence threshold is expected to fall short.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from dssn.config import ConfigError, load_config
+from dssn.data.format import ShardError, read_dataset_info
+from dssn.train.metrics import mean_iou
+from dssn.train.summary import SUMMARY_STEM
+from dssn.train.tables import class_names_for, iou_rows, write_tables
+
+RAREST = 3  # classes averaged in the "rarest" row
+
+
+def load_run(run_dir: str | Path) -> tuple[dict[str, Any], Any]:
+    """(metrics of the last epoch, resolved Config) of a finished run directory."""
+    run_dir = Path(run_dir)
+    path = run_dir / f"{SUMMARY_STEM}.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"{run_dir}: no {path.name} (written when `dssn train` finishes a run): is the run "
+            "finished, and is this its directory (<storage>/<name>)?"
+        )
+    return json.loads(path.read_text()), load_config(run_dir / "config.yaml")
+
+
+def rarest_classes(info: dict | None, n: int = RAREST) -> list[int]:
+    """Class ids (dataset ids: background is 0) of the ``n`` rarest foreground classes by the
+    dataset's ``class_prior`` (foreground classes only); [] when the dataset has none."""
+    prior = (info or {}).get("class_prior")
+    if not prior:
+        return []
+    order = sorted(range(len(prior)), key=lambda i: prior[i])
+    return [i + 1 for i in order[:n]]
+
+
+def compare_rows(runs: dict[str, tuple[dict[str, Any], Any]], which: str = "final"):
+    """Header + per-class rows + mIoU (+ rarest-classes row) with one column per run."""
+    key = "teacher_iou" if which == "final" else "best_teacher_iou"
+    cfgs = [cfg for _, cfg in runs.values()]
+    classes = {cfg.model.num_classes for cfg in cfgs}
+    if len(classes) != 1:
+        raise ConfigError(f"the runs have different class counts {sorted(classes)}")
+    try:
+        info = read_dataset_info(cfgs[0].data.root)
+    except ShardError:
+        info = None
+    names = class_names_for(classes.pop(), info)
+    columns = {name: metrics[key] for name, (metrics, _) in runs.items()}
+    rows = iou_rows(names, columns)
+    rare = rarest_classes(info)
+    if rare:
+        label = "rarest " + ", ".join(names[i] for i in rare)
+        rows.append([label, *(_mean_pct([v[i] for i in rare]) for v in columns.values())])
+    return rows
+
+
+def _mean_pct(values: list[float]) -> str:
+    m = mean_iou(values)
+    return "-" if math.isnan(m) else f"{100 * m:.1f}"
+
+
+def compare_command(args) -> int:
+    from dssn.train.tables import to_text
+
+    runs = {Path(d).name: load_run(d) for d in args.runs}
+    rows = compare_rows(runs, args.which)
+    print(f"teacher IoU ({args.which} epoch), percent")
+    print(to_text(rows))
+    for name, (metrics, _) in runs.items():
+        print(
+            f"{name}: {metrics['iteration']} iterations, teacher mIoU best "
+            f"{100 * metrics['best_teacher_miou']:.2f} (epoch {metrics['best_epoch']}), final "
+            f"{100 * metrics['final_teacher_miou']:.2f}"
+        )
+    if args.out:
+        for path in write_tables(rows, args.out, "compare"):
+            print(f"wrote {path}")
+    return 0

@@ -1,0 +1,78 @@
+"""``dssn compare``: finished runs' per-class teacher IoU side by side (no Ray)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dssn.cli import main
+from dssn.config import Config, ConfigError
+from dssn.train.compare import compare_rows, load_run, rarest_classes
+
+
+def fake_run(tmp_path, name, ious, root, best=None):
+    run = tmp_path / name
+    run.mkdir()
+    cfg = Config()
+    cfg.model.num_classes = len(ious)
+    cfg.data.root = str(root)
+    cfg.save(run / "config.yaml")
+    metrics = {
+        "teacher_iou": ious,
+        "best_teacher_iou": best or ious,
+        "iteration": 40,
+        "best_epoch": 2,
+        "best_teacher_miou": sum(best or ious) / len(ious),
+        "final_teacher_miou": sum(ious) / len(ious),
+    }
+    (run / "summary.json").write_text(json.dumps(metrics))
+    return run
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    root = tmp_path / "shards"
+    root.mkdir()
+    info = {
+        "name": "toy",
+        "classes": ["background", "a", "b", "c"],
+        "num_classes": 4,
+        "ignore_index": 255,
+        "counts": {"labeled": 1, "unlabeled": 1, "val": 1},
+        "class_prior": [0.2, 0.7, 0.1],  # foreground only: c is the rarest, then a
+        "format_version": 1,
+    }
+    (root / "dataset.json").write_text(json.dumps(info))
+    return root
+
+
+def test_rarest_classes_come_from_the_prior():
+    assert rarest_classes({"class_prior": [0.2, 0.7, 0.1]}, 2) == [3, 1]
+    assert rarest_classes({}) == [] and rarest_classes(None) == []
+
+
+def test_compare_rows_put_runs_side_by_side(tmp_path, dataset):
+    a = fake_run(tmp_path, "dssn", [0.9, 0.5, 0.4, 0.2], dataset, best=[0.9, 0.6, 0.4, 0.3])
+    b = fake_run(tmp_path, "supervised", [0.8, 0.3, 0.2, 0.0], dataset)
+    rows = compare_rows({"dssn": load_run(a), "supervised": load_run(b)})
+    assert rows[0] == ["class", "dssn", "supervised"]
+    assert rows[1] == ["background", "90.0", "80.0"]
+    assert rows[-2] == ["mIoU", "50.0", "32.5"]
+    assert rows[-1] == ["rarest c, a, b", "36.7", "16.7"]
+    best = compare_rows({"dssn": load_run(a)}, which="best")
+    assert best[-2] == ["mIoU", "55.0"]
+
+
+def test_cli_prints_and_writes(tmp_path, dataset, capsys):
+    a = fake_run(tmp_path, "dssn", [0.9, 0.5, 0.4, 0.2], dataset)
+    assert main(["compare", str(a), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "mIoU" in out and "dssn: 40 iterations" in out
+    assert (tmp_path / "out" / "compare.md").read_text().startswith("| class | dssn |")
+
+
+def test_unfinished_run_is_named(tmp_path):
+    (tmp_path / "half").mkdir()
+    with pytest.raises(ConfigError, match="half: no summary.json"):
+        load_run(tmp_path / "half")

@@ -1,0 +1,79 @@
+"""Ray Data's idle scheduling loop is paced (dssn.data.pacing), in the driver and in workers."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from dssn.data import pacing
+
+
+class FakeOp:
+    def __init__(self, active: int):
+        self.active = active
+
+    def num_active_tasks(self) -> int:
+        return self.active
+
+
+@pytest.fixture
+def stub_loop(monkeypatch):
+    """The executor's step replaced by one that only counts calls, then paced."""
+    from ray.data._internal.execution.streaming_executor import StreamingExecutor
+
+    calls = []
+    monkeypatch.setattr(
+        StreamingExecutor, "_scheduling_loop_step", lambda self, topology: calls.append(1) or True
+    )
+    assert pacing.install()
+    return StreamingExecutor._scheduling_loop_step, calls
+
+
+def timed(step, topology) -> float:
+    start = time.perf_counter()
+    for _ in range(5):
+        assert step(None, topology) is True
+    return (time.perf_counter() - start) / 5
+
+
+def test_idle_step_sleeps_and_busy_step_does_not(stub_loop):
+    step, calls = stub_loop
+    idle = timed(step, {FakeOp(0): None, FakeOp(0): None})
+    busy = timed(step, {FakeOp(0): None, FakeOp(2): None})
+    assert len(calls) == 10  # the original step runs every time
+    assert idle >= 0.9 * pacing.IDLE_SLEEP_S
+    assert busy < pacing.IDLE_SLEEP_S / 4
+
+
+def test_install_is_idempotent(stub_loop):
+    from ray.data._internal.execution.streaming_executor import StreamingExecutor
+
+    step, _ = stub_loop
+    assert pacing.install() and pacing.installed()
+    assert StreamingExecutor._scheduling_loop_step is step  # not wrapped twice
+
+
+def test_runtime_env_keeps_the_callers_fields():
+    env = pacing.runtime_env({"env_vars": {"A": "1"}})
+    assert env == {"env_vars": {"A": "1"}, "worker_process_setup_hook": pacing.SETUP_HOOK}
+
+
+def test_every_ray_worker_is_paced(ray_instance):
+    """Tasks and actors of the job, also those with a runtime_env of their own (as the Tune
+    trial's fit task and Ray Data's split coordinators), run the setup hook."""
+    ray = ray_instance
+
+    @ray.remote(num_cpus=0)
+    def task() -> bool:
+        return pacing.installed()
+
+    @ray.remote(num_cpus=0)
+    class Actor:
+        def paced(self) -> bool:
+            return pacing.installed()
+
+    env = {"env_vars": {"DSSN_TEST": "1"}}
+    actor = Actor.options(runtime_env=env).remote()
+    assert ray.get([task.remote(), task.options(runtime_env=env).remote(), actor.paced.remote()])
+    ray.kill(actor)
