@@ -14,15 +14,14 @@ import argparse
 import sys
 import time
 
-# The demo's size: what fits in well under 15 minutes on a 2-core laptop. A digits step (3 x 8
-# images of 64 px) takes ~0.35 s on one core and each trial pays ~20-30 s to start its
-# TorchTrainer and Ray Data streams, so the demo's epochs are short: 6 trials x at most 4 epochs
-# x 40 steps, 2 trials at a time (their start-ups overlap), ASHA stopping the weaker ones at
-# epochs 1 and 2. Measured here: see the README ("make demo").
-DEMO = {"num_samples": 6, "max_epochs": 4, "max_concurrent_trials": 2}
+# The demo's size: what fits well under 15 minutes on a 2-core laptop. Two trials share the
+# two cores (~0.7 s a step each) and each trial pays ~40 s to start its TorchTrainer and Ray
+# Data streams, so the epochs are short: 6 trials x at most 3 epochs x 25 steps, 2 at a time,
+# ASHA stopping the weaker ones at epochs 1 and 2. Measured here: see the README.
+DEMO = {"num_samples": 6, "max_epochs": 3, "max_concurrent_trials": 2}
 DEMO_OVERRIDES = [
-    "train.iters_per_epoch=40",
-    # 160 steps at most: the teacher (ASHA's metric) must follow the student that quickly
+    "train.iters_per_epoch=25",
+    # 75 steps at most: the teacher (ASHA's metric) must follow the student that quickly
     "dssn.ema=0.98",
 ]
 DATA_ROOT = "shards/digits"
