@@ -59,6 +59,7 @@ def test_runtime_env_keeps_the_callers_fields():
     assert env == {"env_vars": {"A": "1"}, "worker_process_setup_hook": pacing.SETUP_HOOK}
 
 
+@pytest.mark.ray
 def test_every_ray_worker_is_paced(ray_instance):
     """Tasks and actors of the job, also those with a runtime_env of their own (as the Tune
     trial's fit task and Ray Data's split coordinators), run the setup hook."""
