@@ -17,7 +17,7 @@ from dssn.config import ConfigError, load_config
 from dssn.data.format import ShardError, read_dataset_info
 from dssn.train.metrics import mean_iou
 from dssn.train.summary import SUMMARY_STEM
-from dssn.train.tables import class_names_for, iou_rows, write_tables
+from dssn.train.tables import class_names_for, iou_rows, to_text, write_tables
 
 RAREST = 3  # classes averaged in the "rarest" row
 
@@ -71,8 +71,6 @@ def _mean_pct(values: list[float]) -> str:
 
 
 def compare_command(args) -> int:
-    from dssn.train.tables import to_text
-
     runs = {Path(d).name: load_run(d) for d in args.runs}
     rows = compare_rows(runs, args.which)
     print(f"teacher IoU ({args.which} epoch), percent")

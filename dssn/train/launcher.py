@@ -121,7 +121,6 @@ def start_local_ray(num_cpus: int, **kwargs) -> None:
     Ray instances") or asks the wrong one. So the dashboard gets a known port and
     ``RAY_API_SERVER_ADDRESS`` names it in the environment the Ray processes inherit.
     """
-
     port = free_port()
     os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
     # Ray keeps at most num_cpus idle workers and kills the rest after 1 s; the read / augment
