@@ -67,6 +67,9 @@ class DSSNConfig:
     # cityscapes: consistency added outside the 1/2 (L = 1/2(...) + w_c (Limg + Lfeat))
     consistency_outside_half: bool = False
     strong_warmup_epochs: int = 0  # Ls1, Ls2 left out for these epochs (cityscapes: 5)
+    # labeled-only burn-in (Unbiased Teacher): the first epochs train on the labeled stream
+    # alone (no unlabeled reads, supervised-cost steps); the EMA teacher follows as usual
+    burn_in_epochs: int = 0
     ema: float = 0.996
     # shortcuts METHOD.md allows (True = do less work; False = exact reference structure)
     teacher_single_pass: bool = True
@@ -175,6 +178,11 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+
+    def labeled_only(self, epoch: int) -> bool:
+        """Whether ``epoch`` (0-based) trains on labeled batches alone: the supervised
+        baseline, or the first ``dssn.burn_in_epochs`` epochs of a DSSN run."""
+        return self.method == "supervised" or epoch < self.dssn.burn_in_epochs
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -297,6 +305,11 @@ def validate(cfg: Config, where: str = "config") -> Config:
         ("dssn.temperature", cfg.dssn.temperature > 0, "must be positive"),
         ("dssn.topk_ratio", 0.0 < cfg.dssn.topk_ratio <= 1.0, "must be in (0, 1]"),
         ("train.epochs", cfg.train.epochs > 0, "must be positive"),
+        (
+            "dssn.burn_in_epochs",
+            0 <= cfg.dssn.burn_in_epochs < cfg.train.epochs or cfg.method == "supervised",
+            f"must be in [0, train.epochs={cfg.train.epochs})",
+        ),
         ("train.workers", cfg.train.workers > 0, "must be positive"),
         ("model.num_classes", cfg.model.num_classes > 1, "must be at least 2"),
     ]

@@ -78,3 +78,41 @@ def test_every_ray_worker_is_paced(ray_instance):
     actor = Actor.options(runtime_env=env).remote()
     assert ray.get([task.remote(), task.options(runtime_env=env).remote(), actor.paced.remote()])
     ray.kill(actor)
+
+
+def test_budget_floor_raises_cpus_and_gpus_only():
+    from ray.data._internal.execution.interfaces.execution_options import ExecutionResources
+
+    reserved = ExecutionResources(cpu=0.0, gpu=0.0, object_store_memory=100.0, memory=5.0)
+    out = pacing.floored(reserved, cpus=2.0, gpus=1.0)
+    assert (out.cpu, out.gpu, out.object_store_memory, out.memory) == (2.0, 1.0, 100.0, 5.0)
+    more = ExecutionResources(cpu=8.0, gpu=0.0, object_store_memory=1.0, memory=1.0)
+    assert pacing.floored(more, cpus=2.0, gpus=0.0).cpu == 8.0  # never lowered
+
+
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [
+        ("rate_based_cluster_autoscaler", "RateBasedClusterAutoscaler"),
+        ("default_cluster_autoscaler_v2", "DefaultClusterAutoscalerV2"),
+    ],
+)
+def test_a_stream_reserved_nothing_still_gets_the_clusters_cpus(monkeypatch, module, name):
+    """The deadlock's state: the coordinator reserved this execution nothing (others hold the
+    CPUs). Unpatched, its budget is 0 CPUs and it never submits a task."""
+    import importlib
+
+    cls = getattr(importlib.import_module(f"ray.data._internal.cluster_autoscaler.{module}"), name)
+
+    class Coordinator:  # what the coordinator answers a starved requester
+        def get_reserved_resources(self):
+            return {}
+
+    autoscaler = object.__new__(cls)
+    autoscaler._autoscaling_coordinator = Coordinator()
+    assert pacing.floor_cpu_budgets() == 2
+    monkeypatch.setattr(pacing, "cluster_cpus_gpus", lambda: (2.0, 0.0))
+    budget = autoscaler.get_total_resources()
+    assert budget.cpu == 2.0 and budget.gpu == 0.0
+    assert pacing.floor_cpu_budgets() == 2  # idempotent: not wrapped twice
+    assert autoscaler.get_total_resources().cpu == 2.0

@@ -118,8 +118,13 @@ def test_iters_per_epoch_and_shard_plan(tmp_path):
     cfg = make_cfg(only_labeled)
     assert pipeline.iters_per_epoch(cfg, 1) == 4
     assert pipeline.stream_names(cfg) == ("labeled", "unlabeled", "mix")
+    cfg.dssn.burn_in_epochs = 2  # labeled-only epochs 0 and 1; the run still needs all three
+    assert pipeline.stream_names(cfg) == ("labeled", "unlabeled", "mix")
+    assert [pipeline.stream_names(cfg, e) for e in range(3)] == [("labeled",)] * 2 + [
+        ("labeled", "unlabeled", "mix")
+    ]
     cfg.method = "supervised"
-    assert pipeline.stream_names(cfg) == ("labeled",)
+    assert pipeline.stream_names(cfg) == pipeline.stream_names(cfg, 5) == ("labeled",)
     plan = pipeline.shard_plan(str(root), "labeled", 3, rows_needed=20)
     assert len(plan) == 7 and {p["copy"] for p in plan} == set(range(7))  # 7 copies x 3 rows
     big = make_shards(tmp_path / "big", n_unlabeled=70, shard_rows=256)
@@ -176,13 +181,13 @@ def _worker_loop(config: dict) -> None:
     cfg = from_dict(config["cfg"])
     rank = ray.train.get_context().get_world_rank()
     record = {"epochs": []}
-    for epoch in range(2):
+    for epoch in range(3):  # epoch 0: the burn-in reads the labeled stream alone
         seen = {"unlabeled": [], "mix": [], "steps": 0}
         for raw in pipeline.iter_train_batches(cfg, epoch):
             seen["steps"] += 1
             seen["shapes"] = {k: [list(v.shape), str(v.dtype)] for k, v in raw.items()}
             for key, stream in (("image_u_w", "unlabeled"), ("image_mix_w", "mix")):
-                seen[stream] += [int(v) for v in raw[key].amax(dim=(1, 2, 3))]
+                seen[stream] += [int(v) for v in raw[key].amax(dim=(1, 2, 3))] if key in raw else []
         seen["val"] = [int(image[0, 0, 0]) for image, _ in pipeline.iter_val_samples(cfg)]
         record["epochs"].append(seen)
     Path(config["out"], f"rank{rank}.json").write_text(json.dumps(record))
@@ -199,6 +204,7 @@ def test_torch_trainer_two_workers_get_disjoint_rows(ray_instance, tmp_path):
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     root = make_shards(tmp_path / "shards")
     cfg = make_cfg(root, workers=2)
+    cfg.train.epochs, cfg.dssn.burn_in_epochs = 3, 1
     out = tmp_path / "records"
     out.mkdir()
     trainer = TorchTrainer(
@@ -210,7 +216,10 @@ def test_torch_trainer_two_workers_get_disjoint_rows(ray_instance, tmp_path):
     )
     trainer.fit()
     records = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    for epoch in range(2):
+    burn_in = records[0]["epochs"][0]
+    assert burn_in["steps"] == 5 and set(burn_in["shapes"]) == set(pipeline.LABELED_KEYS)
+    # after a burn-in epoch that left them unread, the unlabeled streams start cleanly
+    for epoch in (1, 2):
         a, b = (rec["epochs"][epoch] for rec in records)
         assert a["steps"] == b["steps"] == 5  # 20 unlabeled rows / (batch 2 x 2 workers)
         for stream in ("unlabeled", "mix"):
@@ -220,7 +229,7 @@ def test_torch_trainer_two_workers_get_disjoint_rows(ray_instance, tmp_path):
             assert set(a[stream]) | set(b[stream]) == set(range(1, 21))
         assert sorted(a["val"] + b["val"]) == list(range(100, 105))
         assert set(a["val"]).isdisjoint(b["val"])
-    shapes = records[0]["epochs"][0]["shapes"]
+    shapes = records[0]["epochs"][1]["shapes"]
     for key in pipeline.LABELED_KEYS + pipeline.UNLABELED_KEYS + pipeline.MIX_KEYS:
         shape, dtype = shapes[key]
         assert dtype == "torch.uint8"

@@ -38,6 +38,12 @@ def fake_batches(cfg: Config, epoch: int):
         return torch.randint(0, 256, (BATCH, 3, SIZE, SIZE), generator=gen, dtype=torch.uint8)
 
     for _ in range(cfg.train.iters_per_epoch):
+        if cfg.labeled_only(epoch):  # supervised / burn-in: the labeled stream alone
+            yield {
+                "image_x": images(),
+                "mask_x": torch.randint(0, CLASSES, (BATCH, SIZE, SIZE), generator=gen).byte(),
+            }
+            continue
         box = torch.zeros(BATCH, SIZE, SIZE, dtype=torch.uint8)
         box[:, 4:12, 4:12] = 1
         yield {
@@ -92,6 +98,20 @@ def test_epoch_trains_logs_and_decays(run_epoch, capsys):
     assert out["lr"] == pytest.approx(cfg.optim.lr * (1 - 2 / 6) ** 0.9)
     log = capsys.readouterr().out
     assert "epoch 1/2 step 2/3 (iter 2)" in log and "mask_ratio" in log and "img/s" in log
+
+
+def test_burn_in_epochs_train_on_labeled_batches_then_dssn(run_epoch):
+    cfg = tiny_cfg()
+    cfg.dssn.burn_in_epochs = 1
+    state = TrainState()
+    nets, out = run_epoch(cfg, state, epoch=0)
+    assert set(out) & {"loss_x", "loss_s1", "mask_ratio"} == {"loss_x"}
+    assert out["loss"] == pytest.approx(out["loss_x"])  # the labeled loss alone, unhalved
+    assert nets.ema.updates == 3  # the teacher follows the student during the burn-in
+    assert out["images_per_s"] > 0 and out["steps"] == 3
+    _, out = run_epoch(cfg, state, epoch=1)
+    assert {"loss_x", "loss_s1", "loss_fa", "mask_ratio"} <= set(out)
+    assert out["loss"] != pytest.approx(out["loss_x"])  # the unlabeled terms are back
 
 
 def test_nan_error_names_the_step(run_epoch):

@@ -190,9 +190,12 @@ STREAM_PART = {"labeled": "labeled", "unlabeled": "unlabeled", "mix": "unlabeled
 # ----------------------------------------------------------------------------- sizes
 
 
-def stream_names(cfg: Any) -> tuple[str, ...]:
-    """The training streams a run needs: the supervised baseline reads labeled rows only."""
-    return ("labeled",) if cfg.method == "supervised" else tuple(TRAIN_STREAMS)
+def stream_names(cfg: Any, epoch: int | None = None) -> tuple[str, ...]:
+    """The training streams a run needs (``epoch`` None) or reads in ``epoch``: labeled rows
+    only for the supervised baseline and during ``dssn.burn_in_epochs``."""
+    if cfg.method == "supervised" or (epoch is not None and cfg.labeled_only(epoch)):
+        return ("labeled",)
+    return tuple(TRAIN_STREAMS)
 
 
 def iters_per_epoch(cfg: Any, world_size: int, info: dict | None = None) -> int:
@@ -294,14 +297,15 @@ def iter_train_batches(
     """Exactly ``iters_per_epoch(cfg, world)`` training batches for this worker.
 
     Each dict holds the LABELED_KEYS, UNLABELED_KEYS and MIX_KEYS: uint8 images (B, 3, S, S),
-    uint8 masks / ignore / boxes (B, S, S). Inside Ray Train the streams come from
+    uint8 masks / ignore / boxes (B, S, S); in labeled-only epochs (supervised, burn-in) the
+    LABELED_KEYS alone. Inside Ray Train the streams come from
     ``ray.train.get_dataset_shard``; ``datasets`` (e.g. ``build_datasets(cfg)``) overrides that.
     """
     rank, world = _world()
     if datasets is None:
         import ray.train
 
-        datasets = {name: ray.train.get_dataset_shard(name) for name in stream_names(cfg)}
+        datasets = {name: ray.train.get_dataset_shard(name) for name in stream_names(cfg, epoch)}
     steps = iters_per_epoch(cfg, world)
     buffer = cfg.data.shuffle_buffer or None
     iterators = {
@@ -315,7 +319,7 @@ def iter_train_batches(
                 else cfg.data.seed + 1000 * epoch + 10 * rank + STREAM_SEED_OFFSET[name],
             )
         )
-        for name in stream_names(cfg)
+        for name in stream_names(cfg, epoch)
     }
     for step in range(steps):
         batch: dict[str, torch.Tensor] = {}

@@ -222,9 +222,10 @@ def step(
     """One training step's loss and metrics (see docs/CONTRACTS.md for the batch keys).
 
     ``iteration`` is the global iteration (0 = the very first step of the run). With
-    ``cfg.method == "supervised"`` only the labeled loss is computed (the baseline).
+    ``cfg.method == "supervised"`` (the baseline) and during the ``dssn.burn_in_epochs`` only the
+    labeled loss is computed, from the labeled keys alone.
     """
-    if cfg.method == "supervised":
+    if cfg.labeled_only(epoch):
         _check_keys(batch, LABELED_KEYS)
         logits = student(batch["image_x"])
         with torch.autocast(logits.device.type, enabled=False):

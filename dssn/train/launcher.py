@@ -123,10 +123,6 @@ def start_local_ray(num_cpus: int, **kwargs) -> None:
     """
     port = free_port()
     os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
-    # Ray keeps at most num_cpus idle workers and kills the rest after 1 s; the read / augment
-    # tasks of a run's three Ray Data streams then start a fresh Python (~3 CPU-s of imports)
-    # every few seconds: ~15% of a 2-core machine. Keep a few more.
-    os.environ.setdefault(WORKER_LIMIT_ENV, str(max(num_cpus, IDLE_WORKERS)))
     # Ray Data's progress bars, streamed from every worker to the driver, drown the training
     # log lines (which report images/s and data wait); set it to 0 to see them
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -134,13 +130,19 @@ def start_local_ray(num_cpus: int, **kwargs) -> None:
 
 
 def init_ray(**kwargs) -> None:
-    """``ray.init(**kwargs)`` with Ray Data's scheduling loop paced in every process of the job
-    (``dssn.data.pacing``: unpaced, the idle loops of a Train run's three streams took half
-    of a 2-core machine)."""
+    """``ray.init(**kwargs)`` with Ray Data's fixes (``dssn.data.pacing``: idle scheduling loops
+    paced, CPU budgets floored) in every process of the job, and, for a new local instance,
+    ``IDLE_WORKERS`` idle worker processes kept alive."""
     import ray
 
     from dssn.data import pacing
 
+    if "address" not in kwargs and not os.environ.get("RAY_ADDRESS"):  # a new local instance
+        # Ray keeps at most num_cpus idle workers and kills the rest after 1 s; the read /
+        # augment tasks of a run's three Ray Data streams then start a fresh Python (~3 CPU-s
+        # of imports) every few seconds: ~15% of a 2-core machine. Keep a few more.
+        cpus = int(kwargs.get("num_cpus") or os.cpu_count() or 1)
+        os.environ.setdefault(WORKER_LIMIT_ENV, str(max(cpus, IDLE_WORKERS)))
     pacing.install()  # this process's own Ray Data pipelines
     ray.init(runtime_env=pacing.runtime_env(kwargs.pop("runtime_env", None)), **kwargs)
 
