@@ -101,7 +101,7 @@ def test_table_has_one_row_per_trial_best_first(search):
         assert row["final_teacher_miou"] == pytest.approx(100 * result.metrics["teacher_miou"])
         assert row["w_strong"] == pytest.approx(result.config["w_strong"])
         assert row["final_student_miou"] == pytest.approx(0.9 * row["final_teacher_miou"])
-    # ASHA (rungs at epochs 1 and 2 of 4) stopped some trials; those ran fewer epochs
+    # ASHA (rungs at epochs 1 and 3 of 4) stopped some trials; those ran fewer epochs
     stopped = table[table["stopped_early"]]
     assert len(stopped) >= 1
     assert (stopped["epochs"] < EPOCHS).all()

@@ -124,7 +124,7 @@ def test_format_space_lists_every_parameter_and_fixed_value():
     for name in ("temperature", "topk_ratio", "w_strong", "w_fp", "w_consistency", "lr"):
         assert f"  {name} " in text
     assert "dssn.selection = topk" in text and "dssn.consistency = infonce" in text
-    assert "stops at epochs [1, 2, 4]" in text  # max 8, grace 1, rf 2
+    assert "stops at epochs [1, 3] unless in the top 1/3" in text  # max 8, grace 1, rf 3
 
 
 def test_print_space_cli(tmp_path, capsys):
