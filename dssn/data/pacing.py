@@ -113,7 +113,7 @@ def floor_cpu_budgets() -> int:
 
 
 def installed() -> bool:
-    """Whether this process's Ray Data scheduling loop is paced."""
+    """Whether this process has both fixes: the scheduling loop paced, the budgets floored."""
     from ray.data._internal.cluster_autoscaler.rate_based_cluster_autoscaler import (
         RateBasedClusterAutoscaler,
     )
