@@ -237,7 +237,8 @@ class ClusterCPU:
 
 
 def ours_rate(images: list[bytes], cfg: DataConfig, repeats: int) -> float:
-    """Per-core rate of our unlabeled augmentation in this process, on one torch thread."""
+    """Per-core rate of our unlabeled augmentation in this process, on one torch thread: what
+    a Ray Data task computes per row (the masks are rebuilt in the train worker)."""
     torch.set_num_threads(1)  # what a Ray Data task gets (OMP_NUM_THREADS=1)
     rng = np.random.default_rng(0)
     return per_core_rate(
@@ -320,7 +321,6 @@ def main() -> None:
     cfg = DataConfig(crop_size=args.crop, map_batch_rows=args.map_batch_rows)
     images = fabricate_jpegs(args.samples)
 
-    # what a Ray Data task computes per row (the masks are rebuilt in the train worker)
     rates = {
         "ours (torch/numpy, crop first)": ours_rate(images, cfg, args.repeats),
         "PIL reference (uint8 outputs)": per_core_rate(
