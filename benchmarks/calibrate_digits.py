@@ -10,6 +10,13 @@ with the demo's 1/16 split only: the gap is the room semi-supervision has to fil
     python benchmarks/calibrate_digits.py --labeled all   --iters 3000
     python benchmarks/calibrate_digits.py --labeled split --iters 3000
 
+``--method dssn`` trains the DSSN step instead (in this process, no Ray: a quick way to try
+method settings before a Ray run), on the 1/16 split with the other training scenes unlabeled,
+after ``--burn-in`` supervised-only iterations, and scores the EMA teacher as the Ray runs do:
+
+    python benchmarks/calibrate_digits.py --labeled split --method dssn --burn-in 1000 \
+        --iters 2500 --threads 1 dssn.selection=topk
+
 The training scenes are generated (seconds) with the generator options of ``--digits`` (e.g.
 ``--digits size_min=32 digits_max=2``) and ``labeled_fraction=1``: the same scenes as the
 demo's shards, all with masks; ``split`` keeps the first ``round(n_train * 1/16)`` of them,
@@ -91,11 +98,14 @@ def train_batch(train, cfg: Config, rng: np.random.Generator) -> tuple[torch.Ten
     return x, torch.stack([m for _, m in pairs]).long()
 
 
-def dssn_batch(train, cfg: Config, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-    """A DSSN batch (docs/CONTRACTS.md keys) from training scenes through the real
-    augmentations: B labeled, B unlabeled and B CutMix partners (masks of the last 2B unused)."""
+def dssn_batch(
+    train, cfg: Config, rng: np.random.Generator, unlabeled: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """A DSSN batch (docs/CONTRACTS.md keys) through the real augmentations: B labeled scenes
+    of ``train``, B unlabeled and B CutMix partners from ``unlabeled`` (default: ``train``'s
+    images, masks unused)."""
     x, y = train_batch(train, cfg, rng)
-    images = train[0]
+    images = train[0] if unlabeled is None else unlabeled
     views = {"u": [], "mix": []}
     for key in views:
         for i in rng.integers(0, len(images), cfg.data.batch_size):
@@ -185,6 +195,14 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=math.inf, help="wall-clock budget")
     p.add_argument("--cpu-minutes", type=float, default=math.inf, help="process CPU budget")
     p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument(
+        "--method",
+        choices=["supervised", "dssn"],
+        default="supervised",
+        help="dssn: the DSSN step (dssn.* overrides apply) on the split, the rest unlabeled; "
+        "the EMA teacher is evaluated",
+    )
+    p.add_argument("--burn-in", type=int, default=0, help="dssn: supervised-only first iterations")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--backbone")
     p.add_argument("--width", type=int)
@@ -218,9 +236,12 @@ def main() -> None:
     finally:
         if args.data is None:
             shutil.rmtree(root, ignore_errors=True)
+    unlabeled = train[0]  # DSSN's unlabeled pool: every training scene's image
     if args.labeled == "split":  # the demo's labeled scenes are the first ones
         n = labeled_count(spec)
-        train = (train[0][:n], train[1][:n])
+        train, unlabeled = (train[0][:n], train[1][:n]), train[0][n:]
+    if args.method == "dssn" and args.labeled == "all":
+        raise SystemExit("--method dssn needs --labeled split (the rest are its unlabeled)")
 
     model = build_model(cfg.model)
     optimizer = build_optimizer(model, cfg.optim)
@@ -230,7 +251,8 @@ def main() -> None:
         f"{cfg.model.backbone} width {cfg.model.width} OS {cfg.model.output_stride} "
         f"({params / 1e6:.2f}M) | {cfg.optim.optimizer} lr {cfg.optim.lr} x{cfg.optim.lr_multi}"
         f" | batch {cfg.data.batch_size} crop {cfg.data.crop_size} | {args.iters} iters | "
-        f"{args.threads} threads | digits {options or 'defaults'}",
+        f"{args.threads} threads | digits {options or 'defaults'} | {args.method}"
+        + (f" ({cfg.dssn.selection}, burn-in {args.burn_in})" if args.method == "dssn" else ""),
         flush=True,
     )
     if args.step_cost:
@@ -249,20 +271,27 @@ def main() -> None:
     def spent() -> tuple[float, float]:
         return time.perf_counter() - wall0, time.process_time() - cpu0
 
+    ema = EMATeacher(model, cfg.dssn.ema, fused=cfg.dssn.fused_ema)
+    scored = ema.teacher if args.method == "dssn" else model  # what the Ray runs report
     while it < args.iters:
         wall, cpu = spent()
         if wall > 60 * args.minutes or cpu > 60 * args.cpu_minutes:
             break
-        x, y = train_batch(train, cfg, rng)
-        loss = labeled_ce(model(x), y)
+        if args.method == "dssn" and it >= args.burn_in:
+            batch = dssn_batch(train, cfg, rng, unlabeled)
+            loss, _ = step(model, ema.teacher, batch, cfg, iteration=it)
+        else:
+            x, y = train_batch(train, cfg, rng)
+            loss = labeled_ce(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        ema.update(model)
         set_poly_lr(optimizer, it, args.iters, cfg.optim.poly_power)
         losses.append(loss.item())
         it += 1
         if it % args.eval_every == 0:
-            miou = mean_iou(evaluate(model, val, cfg))
+            miou = mean_iou(evaluate(scored, val, cfg))
             best = max(best, miou)
             wall, cpu = spent()
             print(
@@ -271,7 +300,7 @@ def main() -> None:
                 f"({it * cfg.data.batch_size / cpu:5.1f} img per cpu-s)",
                 flush=True,
             )
-    ious = evaluate(model, val, cfg)
+    ious = evaluate(scored, val, cfg)
     wall, cpu = spent()
     print(f"\nfinal: {it} iterations, wall {wall:.0f} s, cpu {cpu:.0f} s ({args.labeled} labeled)")
     for name, iou in zip(CLASSES, ious, strict=True):

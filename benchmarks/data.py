@@ -248,16 +248,55 @@ def ours_rate(images: list[bytes], cfg: DataConfig, repeats: int) -> float:
     )
 
 
+def separate_reads_stream(cfg, info: dict, rows: int):
+    """The unlabeled stream as it was before reads were fused into the augmentation: a read
+    task per row group (0.25 CPU, so Ray Data does not fuse it), then augmentation tasks of
+    ``map_batch_rows`` rows; for the side-by-side comparison only."""
+    import ray.data
+
+    plan = pipeline.shard_plan(cfg.data.root, "unlabeled", int(info["counts"]["unlabeled"]), rows)
+    ds = ray.data.from_items(plan, override_num_blocks=len(plan)).randomize_block_order()
+    ds = ds.map_batches(pipeline.read_row_groups, batch_size=1, batch_format="numpy", num_cpus=0.25)
+    return ds.map_batches(
+        pipeline.unlabeled_batch,
+        fn_kwargs={"cfg": cfg.data},
+        batch_size=cfg.data.map_batch_rows,
+        batch_format="numpy",
+        num_cpus=1,
+    )
+
+
+def one_pass(ds, background: float) -> dict:
+    """Stream ``ds`` once into the driver in batches of 8; wall rate and cluster CPU."""
+    with ClusterCPU() as meter:
+        start, count = time.perf_counter(), 0
+        for batch in ds.iter_batches(batch_size=8, batch_format="numpy"):
+            count += len(batch["image_u_w"])
+        wall = time.perf_counter() - start
+    return {
+        "wall_rate": count / wall,
+        "wall_s": wall,
+        "cpu_per_sample": meter.seconds() / count,
+        # what the pipeline adds to an idle cluster's own CPU use
+        "pipeline_cpu_per_sample": (meter.seconds() - background * wall) / count,
+        "worker_cpu_per_sample": meter.seconds(workers=True) / count,
+        "new_processes": len(set(meter.seen) - set(meter.baseline)),
+    }
+
+
 def ray_rate(
     root: str, cfg: DataConfig, cpus: int, rows: int, images: list[bytes], passes: int = 3
 ) -> dict:
-    """Throughput of the unlabeled stream over ``rows`` rows: the first (cold) pass starts
-    Ray's workers; of the ``passes`` warm passes after it, the one that cost the cluster the
-    least CPU is kept (on a shared machine Ray sometimes restarts workers mid-pass: their
-    start-up, ~3 CPU-s of imports each, is reported in the "new processes" column).
+    """Throughput of the unlabeled stream over ``rows`` rows, for the pipeline as built
+    (``pipeline.train_stream``: one read + augment task per row group) and, alternating pass by
+    pass, with separate read tasks. The first (cold) pass of each starts Ray's workers; of the
+    ``passes`` warm passes after it, the one that cost the cluster the least CPU is kept (on a
+    shared machine Ray sometimes restarts workers mid-pass: their start-up, ~3 CPU-s of imports
+    each, is reported in the "new processes" column).
 
-    Also the per-core rate of the same augmentation run as one plain Ray task (no Ray Data):
-    what a core does inside a Ray worker process, beside the cluster's own processes."""
+    Between passes the in-process per-core rate is measured again (this machine's speed drifts
+    by tens of percent over minutes); the target uses its median over the run. Also the
+    per-core rate of the same augmentation as one plain Ray task (no Ray Data)."""
     import ray
 
     from dssn.config import Config
@@ -273,32 +312,26 @@ def ray_rate(
         full = Config()
         full.data = cfg
         info = fmt.read_dataset_info(root)
-        ds = pipeline.train_stream(full, "unlabeled", info, rows)
-        results = []
+        variants = {
+            "fused": pipeline.train_stream(full, "unlabeled", info, rows),
+            "separate reads": separate_reads_stream(full, info, rows),
+        }
+        results: dict[str, list[dict]] = {name: [] for name in variants}
+        in_process = []
         for _ in range(passes + 1):
-            with ClusterCPU() as meter:
-                start, count = time.perf_counter(), 0
-                for batch in ds.iter_batches(batch_size=8, batch_format="numpy"):
-                    count += len(batch["image_u_w"])
-                wall = time.perf_counter() - start
-            results.append(
-                {
-                    "wall_rate": count / wall,
-                    "wall_s": wall,
-                    "cpu_per_sample": meter.seconds() / count,
-                    # what the pipeline adds to an idle cluster's own CPU use
-                    "pipeline_cpu_per_sample": (meter.seconds() - background * wall) / count,
-                    "worker_cpu_per_sample": meter.seconds(workers=True) / count,
-                    "new_processes": len(set(meter.seen) - set(meter.baseline)),
-                }
-            )
+            for name, ds in variants.items():
+                results[name].append(one_pass(ds, background))
+            in_process.append(ours_rate(images, cfg, 1))
     finally:
         ray.shutdown()
-    best = min(results[1:], key=lambda r: r["cpu_per_sample"])
+    out = {}
+    for name, runs in results.items():
+        best = min(runs[1:], key=lambda r: r["cpu_per_sample"])
+        out[name] = {**best, "cold_s": runs[0]["wall_s"]}
     return {
-        **best,
-        "cold_s": results[0]["wall_s"],
+        "variants": out,
         "in_worker_rate": in_worker,
+        "in_process_rate": float(np.median(in_process)),
         "background_cpus": background,
     }
 
@@ -308,7 +341,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64, help="distinct JPEGs")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes (best is kept)")
     parser.add_argument("--crop", type=int, default=321)
-    parser.add_argument("--ray-rows", type=int, default=384, help="rows streamed per Ray run")
+    parser.add_argument(
+        "--ray-rows", type=int, default=1536, help="rows streamed per pass (an epoch)"
+    )
     parser.add_argument(
         "--map-batch-rows", type=int, default=DataConfig.map_batch_rows, help="rows per task"
     )
@@ -354,7 +389,9 @@ def main() -> None:
         print(
             f"\nRay Data end to end: {args.ray_rows} rows from Parquet shards -> decode + augment"
         )
-        print("-> numpy batches in the driver; best of 3 warm passes. CPU ms/sample: all")
+        print("-> numpy batches in the driver; best of 3 warm passes, the two task layouts")
+        print("alternating (fused: one read + augment task per row group, as the pipeline is")
+        print("built; separate: a read task, then augment tasks). CPU ms/sample: all")
         print("processes of the local cluster (in brackets: Ray's worker processes only).")
         print(
             "CPU-based rate = CPUs / cluster CPU-seconds per sample: the rate on dedicated cores.\n"
@@ -362,24 +399,31 @@ def main() -> None:
         print("Idle cluster: CPUs that the local Ray's own processes use with no dataset running")
         print("(GCS, raylet, agents, actors, idle workers); pipeline-only: CPUs / (CPU per sample")
         print("less that background), against the same target.\n")
-        print("| CPUs | wall samples/s | CPU ms/sample (workers) | CPU-based samples/s | "
-              "target: 80% x per-core x CPUs | new processes | cold pass s | "
-              "per-core in a Ray task | idle cluster CPUs | pipeline-only samples/s |")  # fmt: skip
-        print("|-----:|---------------:|------------------------:|--------------------:|"
-              "------------------------------:|--------------:|------------:|"
-              "-----------------------:|------------------:|------------------------:|")  # fmt: skip
+        print("| CPUs | tasks | wall samples/s | CPU ms/sample (workers) | CPU-based samples/s | "
+              "per-core in-process (median) | target: 80% x per-core x CPUs | new processes | "
+              "cold pass s | per-core in a Ray task | idle cluster CPUs | "
+              "pipeline-only samples/s |")  # fmt: skip
+        print("|-----:|:------|---------------:|------------------------:|--------------------:|"
+              "-----------------------------:|------------------------------:|--------------:|"
+              "------------:|-----------------------:|------------------:|"
+              "------------------------:|")  # fmt: skip
         for cpus in (1, 2):
             r = ray_rate(root, cfg, cpus, args.ray_rows, images)
-            projected = cpus / r["cpu_per_sample"]
-            target = 0.8 * base * cpus
-            verdict = "met" if projected >= target else "missed"
-            pipeline_only = cpus / r["pipeline_cpu_per_sample"]
-            verdict_pipe = "met" if pipeline_only >= target else "missed"
-            cpu_ms = f"{1000 * r['cpu_per_sample']:.1f} ({1000 * r['worker_cpu_per_sample']:.1f})"
-            print(f"| {cpus:4d} | {r['wall_rate']:14.1f} | {cpu_ms:>23s} | {projected:19.1f} | "
-                  f"{target:21.1f} ({verdict:6s}) | {r['new_processes']:13d} | "
-                  f"{r['cold_s']:11.1f} | {r['in_worker_rate']:22.1f} | "
-                  f"{r['background_cpus']:17.2f} | {pipeline_only:14.1f} ({verdict_pipe:6s}) |")  # fmt: skip
+            per_core = r["in_process_rate"]
+            target = 0.8 * per_core * cpus
+            for name, v in r["variants"].items():
+                projected = cpus / v["cpu_per_sample"]
+                verdict = "met" if projected >= target else "missed"
+                pipeline_only = cpus / v["pipeline_cpu_per_sample"]
+                verdict_pipe = "met" if pipeline_only >= target else "missed"
+                cpu_ms = (
+                    f"{1000 * v['cpu_per_sample']:.1f} ({1000 * v['worker_cpu_per_sample']:.1f})"
+                )
+                print(f"| {cpus:4d} | {name:5s} | {v['wall_rate']:14.1f} | {cpu_ms:>23s} | "
+                      f"{projected:19.1f} | {per_core:28.1f} | "
+                      f"{target:21.1f} ({verdict:6s}) | {v['new_processes']:13d} | "
+                      f"{v['cold_s']:11.1f} | {r['in_worker_rate']:22.1f} | "
+                      f"{r['background_cpus']:17.2f} | {pipeline_only:14.1f} ({verdict_pipe:6s}) |")  # fmt: skip
     print(
         f"\nload average during the run: {os.getloadavg()[0]:.1f} (this machine: "
         f"{os.cpu_count()} CPUs, shared)"

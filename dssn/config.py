@@ -115,7 +115,7 @@ class DataConfig:
     posterize_bits: list[int] = field(default_factory=lambda: [4, 8])
     solarize_range: list[int] = field(default_factory=lambda: [1, 256])
     hue_shift_max: float = 0.5  # random op "hue": shift by +-U[0, this] of the colour circle
-    map_batch_rows: int = 16  # rows per Ray Data decode/augment task call
+    map_batch_rows: int = 16  # rows per output block of a Ray Data read + augment task
 
 
 @dataclass

@@ -141,6 +141,24 @@ def test_row_group_reads_permute_rows(tmp_path):
     assert len(orders) > 1 and all(sorted(o) == sorted(next(iter(orders))) for o in orders)
 
 
+def test_read_and_augment_yields_one_block_per_map_batch_rows(tmp_path):
+    """The fused task of a training stream: one row group in, blocks of map_batch_rows out,
+    every row of the group exactly once (the constant grey level of a weak view names it)."""
+    root = make_shards(tmp_path, n_labeled=10, n_unlabeled=10, shard_rows=10)
+    cfg = make_cfg(root)  # map_batch_rows 4: 10 rows -> blocks of 4, 4, 2
+    for stream, part in (("unlabeled", "unlabeled"), ("mix", "unlabeled"), ("labeled", "labeled")):
+        plan = {"path": np.array(fmt.list_shards(root, part)), "row_group": np.array([0])}
+        blocks = list(pipeline.read_and_augment(plan, stream, cfg.data))
+        assert [tuple(b) for b in blocks] == [pipeline.STREAM_COLUMNS[stream]] * 3
+        first = pipeline.STREAM_COLUMNS[stream][0]
+        assert [len(b[first]) for b in blocks] == [4, 4, 2]
+        if stream != "labeled":  # the weak view's grey level is the row's value (1..10)
+            weak = np.concatenate([b[first] for b in blocks])
+            levels = sorted(int(np.median(view[view > 0])) for view in weak)
+            assert len(levels) == 10
+            assert all(abs(a - b) <= 2 for a, b in zip(levels, range(1, 11), strict=True))
+
+
 def test_to_device_normalizes_and_casts(tmp_path):
     cfg = make_cfg(tmp_path)
     cfg.train.channels_last = True

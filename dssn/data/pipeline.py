@@ -27,8 +27,8 @@ Design (why it looks like this):
   random order of samples; each epoch the row-group reads come in a new random order
   (``randomize_block_order``), each read permutes its rows (so repeated copies of the labeled
   set come in different orders), and ``iter_torch_batches`` keeps a local shuffle buffer.
-- Augmentation runs one task per row group (reads are not fused into it), so even a small
-  part spreads over all free CPUs.
+- One task per row group reads it and augments it (:func:`read_and_augment`), so even a small
+  part spreads over all free CPUs and no encoded bytes pass through the object store.
 - Augmentation draws come from fresh entropy per batch: Ray Data's execution order is not
   deterministic, so per-sample seeds would not make a run repeatable anyway. The augmentation
   functions themselves (``dssn.data.augment``) are seeded and reproducible.
@@ -64,7 +64,6 @@ STREAM_COLUMNS = {
 READ_COLUMNS = ["id", "image", "mask"]
 # local shuffle seeds of the three streams: data.seed + offset (independent orders)
 STREAM_SEED_OFFSET = {"labeled": 0, "unlabeled": 1, "mix": 2}
-READ_CPUS = 0.25  # a row-group read is mostly I/O
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -176,6 +175,19 @@ def read_row_groups(batch: dict[str, np.ndarray]):
     return table.take(np.random.default_rng().permutation(table.num_rows))
 
 
+def read_and_augment(
+    batch: dict[str, np.ndarray], stream: str, cfg: Any
+) -> Iterator[dict[str, np.ndarray]]:
+    """One task per planned row group: read it (:func:`read_row_groups`), then decode and
+    augment it for ``stream`` in slices of ``cfg.map_batch_rows`` rows, one output block each
+    (so the consumer can start on the first rows while the task works on the rest)."""
+    table = read_row_groups(batch)
+    rows = {name: table.column(name).to_numpy(zero_copy_only=False) for name in READ_COLUMNS}
+    step = max(1, cfg.map_batch_rows)
+    for start in range(0, table.num_rows, step):
+        yield BATCH_FUNCTIONS[stream]({k: v[start : start + step] for k, v in rows.items()}, cfg)
+
+
 def read_shards_in_order(batch: dict[str, np.ndarray]):
     """Read the shards named in ``batch["path"]`` -> one pyarrow Table, rows in order."""
     import pyarrow as pa
@@ -263,14 +275,13 @@ def train_stream(cfg: Any, stream: str, info: dict, rows_needed: int):
     plan = shard_plan(cfg.data.root, part, int(info["counts"][part]), rows_needed)
     # one block per row group, in a new random order every epoch (every execution)
     ds = ray.data.from_items(plan, override_num_blocks=len(plan)).randomize_block_order()
-    # Reads ask for less than a CPU so Ray Data does not fuse them into the augmentation
-    # tasks: fused, one task would take many row groups (the augmentation's batch size counts
-    # plan items there), and a small part would run on one CPU.
-    ds = ds.map_batches(read_row_groups, batch_size=1, batch_format="numpy", num_cpus=READ_CPUS)
+    # One task reads a row group and augments it: no separate read task, no object-store round
+    # trip of the encoded bytes, a third of the tasks (each costs the driver, raylet and GCS).
+    # batch_size=1 plan item per task, so even a small part spreads over all free CPUs.
     return ds.map_batches(
-        BATCH_FUNCTIONS[stream],
-        fn_kwargs={"cfg": cfg.data},
-        batch_size=cfg.data.map_batch_rows,
+        read_and_augment,
+        fn_kwargs={"stream": stream, "cfg": cfg.data},
+        batch_size=1,
         batch_format="numpy",
         num_cpus=1,
     )

@@ -1,0 +1,43 @@
+"""benchmarks/calibrate_digits.py: the in-process trainer behind the digits calibration and the
+quick DSSN tries (``--method dssn``), on a few tiny scenes."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "calibrate_digits.py"
+TINY = [
+    "--digits", "n_train=32", "n_val=6", "scene_size=32", "size_min=14", "size_max=20",
+    "--crop", "32", "--batch", "2", "--threads", "1", "--eval-every", "2",
+]  # fmt: skip
+
+
+def calibrate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *TINY, *args], capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.parametrize("method", ["supervised", "dssn"])
+def test_runs_the_iterations_and_prints_the_per_class_table(method):
+    run = calibrate("--labeled", "split", "--iters", "4", "--method", method, "--burn-in", "2")
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    # 32 scenes at 1/16: the first 2 are labeled, the other 30 DSSN's unlabeled pool
+    assert out.startswith("2 training scenes (split labeled), 6 val")
+    assert ("dssn (dssn, burn-in 2)" in out) == (method == "dssn")
+    assert re.search(r"^iter\s+2 .*val mIoU", out, re.M) and "final: 4 iterations" in out
+    assert (
+        len(re.findall(r"^\s+\d\s+(\d+\.\d|nan)$", out, re.M)) == 10
+    )  # digits 0-9 (nan: none in val)
+    assert re.search(r"mIoU\s+\d+\.\d", out)
+
+
+def test_dssn_needs_the_split():
+    run = calibrate("--labeled", "all", "--iters", "2", "--method", "dssn")
+    assert run.returncode != 0 and "needs --labeled split" in run.stderr
