@@ -272,7 +272,9 @@ def main() -> None:
         return time.perf_counter() - wall0, time.process_time() - cpu0
 
     ema = EMATeacher(model, cfg.dssn.ema, fused=cfg.dssn.fused_ema)
-    scored = ema.teacher if args.method == "dssn" else model  # what the Ray runs report
+    # the Ray runs report the EMA teacher; the calibration tables are of the student
+    score = args.score or ("teacher" if args.method == "dssn" else "student")
+    scored = ema.teacher if score == "teacher" else model
     while it < args.iters:
         wall, cpu = spent()
         if wall > 60 * args.minutes or cpu > 60 * args.cpu_minutes:
@@ -302,7 +304,10 @@ def main() -> None:
             )
     ious = evaluate(scored, val, cfg)
     wall, cpu = spent()
-    print(f"\nfinal: {it} iterations, wall {wall:.0f} s, cpu {cpu:.0f} s ({args.labeled} labeled)")
+    print(
+        f"\nfinal: {it} iterations, wall {wall:.0f} s, cpu {cpu:.0f} s ({args.labeled} labeled,"
+        f" {score} IoU)"
+    )
     for name, iou in zip(CLASSES, ious, strict=True):
         print(f"  {name:>10s}  {100 * iou:5.1f}")
     best = max(best, mean_iou(ious))

@@ -31,6 +31,8 @@ def test_runs_the_iterations_and_prints_the_per_class_table(method):
     # 32 scenes at 1/16: the first 2 are labeled, the other 30 DSSN's unlabeled pool
     assert out.startswith("2 training scenes (split labeled), 6 val")
     assert ("dssn (dssn, burn-in 2)" in out) == (method == "dssn")
+    scored = "teacher" if method == "dssn" else "student"  # the EMA teacher, as Ray runs report
+    assert f"(split labeled, {scored} IoU)" in out
     assert re.search(r"^iter\s+2 .*val mIoU", out, re.M) and "final: 4 iterations" in out
     assert (
         len(re.findall(r"^\s+\d\s+(\d+\.\d|nan)$", out, re.M)) == 10
