@@ -203,6 +203,11 @@ def main() -> None:
         "the EMA teacher is evaluated",
     )
     p.add_argument("--burn-in", type=int, default=0, help="dssn: supervised-only first iterations")
+    p.add_argument(
+        "--score",
+        choices=["student", "teacher"],
+        help="network evaluated (default: the EMA teacher for dssn, the student otherwise)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--backbone")
     p.add_argument("--width", type=int)
