@@ -202,7 +202,12 @@ def main() -> None:
         help="dssn: the DSSN step (dssn.* overrides apply) on the split, the rest unlabeled; "
         "the EMA teacher is evaluated",
     )
-    p.add_argument("--burn-in", type=int, default=0, help="dssn: supervised-only first iterations")
+    p.add_argument(
+        "--burn-in",
+        type=int,
+        help="dssn: supervised-only first iterations (default: the config's "
+        "dssn.burn_in_epochs x train.iters_per_epoch)",
+    )
     p.add_argument(
         "--score",
         choices=["student", "teacher"],
@@ -227,6 +232,12 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     cfg = build_config(args)
+    burn_in = args.burn_in
+    if burn_in is None:
+        burn_in = cfg.dssn.burn_in_epochs * cfg.train.iters_per_epoch
+    # this loop runs the burn-in itself, by iteration: step() must not see burn-in epochs too
+    # (it is called with epoch 0, which would make every step a labeled-only one)
+    cfg.dssn.burn_in_epochs = 0
     torch.manual_seed(cfg.train.seed)
     rng = np.random.default_rng(cfg.train.seed)
 
@@ -257,7 +268,7 @@ def main() -> None:
         f"({params / 1e6:.2f}M) | {cfg.optim.optimizer} lr {cfg.optim.lr} x{cfg.optim.lr_multi}"
         f" | batch {cfg.data.batch_size} crop {cfg.data.crop_size} | {args.iters} iters | "
         f"{args.threads} threads | digits {options or 'defaults'} | {args.method}"
-        + (f" ({cfg.dssn.selection}, burn-in {args.burn_in})" if args.method == "dssn" else ""),
+        + (f" ({cfg.dssn.selection}, burn-in {burn_in})" if args.method == "dssn" else ""),
         flush=True,
     )
     if args.step_cost:
@@ -271,7 +282,7 @@ def main() -> None:
             flush=True,
         )
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    it, best, losses = 0, 0.0, []
+    it, best, losses, dssn_steps = 0, 0.0, [], 0
 
     def spent() -> tuple[float, float]:
         return time.perf_counter() - wall0, time.process_time() - cpu0
@@ -284,9 +295,10 @@ def main() -> None:
         wall, cpu = spent()
         if wall > 60 * args.minutes or cpu > 60 * args.cpu_minutes:
             break
-        if args.method == "dssn" and it >= args.burn_in:
+        if args.method == "dssn" and it >= burn_in:
             batch = dssn_batch(train, cfg, rng, unlabeled)
-            loss, _ = step(model, ema.teacher, batch, cfg, iteration=it)
+            loss, metrics = step(model, ema.teacher, batch, cfg, iteration=it)
+            dssn_steps += "loss_fa" in metrics  # the unlabeled terms were computed
         else:
             x, y = train_batch(train, cfg, rng)
             loss = labeled_ce(model(x), y)
@@ -310,7 +322,7 @@ def main() -> None:
     ious = evaluate(scored, val, cfg)
     wall, cpu = spent()
     print(
-        f"\nfinal: {it} iterations, wall {wall:.0f} s, cpu {cpu:.0f} s ({args.labeled} labeled,"
+        f"\nfinal: {it} iterations ({dssn_steps} DSSN steps), wall {wall:.0f} s, cpu {cpu:.0f} s ({args.labeled} labeled,"
         f" {score} IoU)"
     )
     for name, iou in zip(CLASSES, ious, strict=True):

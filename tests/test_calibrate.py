@@ -33,7 +33,9 @@ def test_runs_the_iterations_and_prints_the_per_class_table(method):
     assert ("dssn (dssn, burn-in 2)" in out) == (method == "dssn")
     scored = "teacher" if method == "dssn" else "student"  # the EMA teacher, as Ray runs report
     assert f"(split labeled, {scored} IoU)" in out
-    assert re.search(r"^iter\s+2 .*val mIoU", out, re.M) and "final: 4 iterations" in out
+    assert re.search(r"^iter\s+2 .*val mIoU", out, re.M)
+    dssn_steps = 2 if method == "dssn" else 0  # after the 2 burn-in iterations
+    assert f"final: 4 iterations ({dssn_steps} DSSN steps)" in out
     assert (
         len(re.findall(r"^\s+\d\s+(\d+\.\d|nan)$", out, re.M)) == 10
     )  # digits 0-9 (nan: none in val)
@@ -43,3 +45,15 @@ def test_runs_the_iterations_and_prints_the_per_class_table(method):
 def test_dssn_needs_the_split():
     run = calibrate("--labeled", "all", "--iters", "2", "--method", "dssn")
     assert run.returncode != 0 and "needs --labeled split" in run.stderr
+
+
+def test_dssn_burn_in_defaults_to_the_configs_burn_in_epochs():
+    # configs/digits.yaml has burn-in epochs: without --burn-in they are counted in iterations
+    # (epochs x iters_per_epoch), and after them every step is a real DSSN step
+    run = calibrate(
+        "--labeled", "split", "--iters", "5", "--method", "dssn",
+        "dssn.burn_in_epochs=1", "train.iters_per_epoch=3",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "dssn (dssn, burn-in 3)" in run.stdout
+    assert "final: 5 iterations (2 DSSN steps)" in run.stdout
