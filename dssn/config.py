@@ -147,7 +147,7 @@ class TrainConfig:
 class TuneConfig:
     num_samples: int = 20
     max_epochs: int | None = None  # None: train.epochs
-    grace_period: int = 1  # ASHA: epochs before a trial may be stopped
+    grace_period: int = 1  # ASHA: epochs before a trial may be stopped (raised past a burn-in)
     reduction_factor: int = 3  # ASHA's eta: the top 1/3 go on (the ASHA paper's choice)
     asha: bool = True
     metric: str = "teacher_miou"

@@ -23,8 +23,8 @@ DEMO_OVERRIDES = [
     "train.iters_per_epoch=25",
     # 75 steps at most: the teacher (ASHA's metric) must follow the student that quickly
     "dssn.ema=0.98",
-    # every epoch of a 3-epoch trial trains DSSN: a labeled-only burn-in would make ASHA's
-    # first rung compare trials before their searched parameters have done anything
+    # every epoch of a 3-epoch trial trains DSSN: ASHA's rungs wait for the end of a
+    # labeled-only burn-in (the searched terms do nothing in it), which would leave none
     "dssn.burn_in_epochs=0",
 ]
 DATA_ROOT = "shards/digits"

@@ -127,6 +127,24 @@ def test_format_space_lists_every_parameter_and_fixed_value():
     assert "stops at epochs [1, 3] unless in the top 1/3" in text  # max 8, grace 1, rf 3
 
 
+def test_asha_never_compares_trials_during_the_burn_in():
+    from dssn.tune.tuner import build_scheduler
+
+    cfg = from_dict({"train": {"epochs": 9}, "dssn": {"burn_in_epochs": 2}})
+    # epochs 1-2 are labeled-only: the searched DSSN terms have not acted yet
+    assert build_scheduler(cfg)._brackets[0]._rungs[-1][0] == 3  # the first rung: epoch 3
+    assert "stops at epochs [3] unless" in format_space(cfg)
+    assert "grace 3 (past dssn.burn_in_epochs 2)" in format_space(cfg)
+    later = from_dict(
+        {"train": {"epochs": 9}, "dssn": {"burn_in_epochs": 2}, "tune": {"grace_period": 4}}
+    )
+    assert format_space(later).endswith("grace 4")  # already past the burn-in: as given
+    supervised = from_dict(
+        {"method": "supervised", "train": {"epochs": 9}, "dssn": {"burn_in_epochs": 2}}
+    )
+    assert "stops at epochs [1, 3] unless" in format_space(supervised)
+
+
 def test_print_space_cli(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("train: {epochs: 4}\ntune: {extra: [ema]}\n")

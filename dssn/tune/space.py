@@ -255,14 +255,24 @@ def format_space(cfg: Config) -> str:
         lines.append(f"  {path} = {value}  ({why})")
     epochs = max_epochs(cfg)
     if t.asha:
-        rungs = asha_rungs(epochs, t.grace_period, t.reduction_factor)
+        grace = asha_grace(cfg)
+        rungs = asha_rungs(epochs, grace, t.reduction_factor)
+        raised = "" if grace == t.grace_period else f" (past dssn.burn_in_epochs {grace - 1})"
         lines.append(
             f"ASHA on {t.metric} (max): stops at epochs {rungs} unless in the top "
-            f"1/{t.reduction_factor}; max {epochs} epochs, grace {t.grace_period}"
+            f"1/{t.reduction_factor}; max {epochs} epochs, grace {grace}{raised}"
         )
     else:
         lines.append(f"no early stopping: every trial trains {epochs} epochs")
     return "\n".join(lines)
+
+
+def asha_grace(cfg: Config) -> int:
+    """ASHA's grace period in epochs: ``tune.grace_period``, raised past a labeled-only burn-in
+    (``dssn.burn_in_epochs``). During the burn-in the searched DSSN terms do nothing, so a rung
+    there would stop trials on their lr and EMA rate alone."""
+    burn_in = 0 if cfg.method == "supervised" else cfg.dssn.burn_in_epochs
+    return max(cfg.tune.grace_period, burn_in + 1)
 
 
 def asha_rungs(max_t: int, grace: int, reduction_factor: float) -> list[int]:

@@ -37,6 +37,7 @@ from dssn.train.launcher import init_ray, start_local_ray
 from dssn.tune import files
 from dssn.tune.space import (
     apply_params,
+    asha_grace,
     build_space,
     fixed_values,
     format_space,
@@ -230,7 +231,7 @@ def search_metadata(cfg: Config, concurrent: int) -> dict[str, Any]:
         "num_samples": t.num_samples,
         "seed": t.seed,
         "asha": t.asha,
-        "grace_period": t.grace_period,
+        "grace_period": asha_grace(cfg),
         "reduction_factor": t.reduction_factor,
         "max_concurrent_trials": concurrent,
         "trial_demand": dict(zip(("cpus", "gpus"), trial_demand(cfg), strict=True)),
@@ -265,7 +266,7 @@ def build_scheduler(cfg: Config):
     return ResumableASHA(
         time_attr=TIME_ATTR,
         max_t=max_epochs(cfg),
-        grace_period=cfg.tune.grace_period,
+        grace_period=asha_grace(cfg),
         reduction_factor=cfg.tune.reduction_factor,
     )
 
