@@ -182,7 +182,12 @@ def build_config(args: argparse.Namespace) -> Config:
         "data.crop_size": args.crop,
     }
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
-    return load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
+    if args.batch is None and cfg.train.workers > 1:
+        # one process plays all the workers of a Ray run: a step sees their global batch
+        global_batch = cfg.data.batch_size * cfg.train.workers
+        cfg = load_config(args.config, [*overrides, f"data.batch_size={global_batch}"])
+    return cfg
 
 
 def main() -> None:
@@ -219,7 +224,9 @@ def main() -> None:
     p.add_argument("--os", type=int, help="output stride (8 or 16)")
     p.add_argument("--optimizer", choices=["sgd", "adamw"])
     p.add_argument("--lr", type=float)
-    p.add_argument("--batch", type=int)
+    p.add_argument(
+        "--batch", type=int, help="scenes a step (default: data.batch_size x train.workers)"
+    )
     p.add_argument("--crop", type=int)
     p.add_argument(
         "--step-cost",

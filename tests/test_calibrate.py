@@ -57,3 +57,16 @@ def test_dssn_burn_in_defaults_to_the_configs_burn_in_epochs():
     assert run.returncode == 0, run.stderr
     assert "dssn (dssn, burn-in 3)" in run.stdout
     assert "final: 5 iterations (2 DSSN steps)" in run.stdout
+
+
+def test_batch_defaults_to_the_global_batch_of_the_configs_workers():
+    # one process plays a Ray run's workers: without --batch a step sees all of their scenes
+    i = TINY.index("--batch")
+    tiny = TINY[:i] + TINY[i + 2 :]
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), *tiny, "--iters", "2", "--eval-every", "2",
+         "train.workers=3", "data.batch_size=1"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "| batch 3 crop 32 |" in run.stdout
