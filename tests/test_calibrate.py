@@ -17,9 +17,9 @@ TINY = [
 ]  # fmt: skip
 
 
-def calibrate(*args: str) -> subprocess.CompletedProcess:
+def calibrate(*args: str, base: list[str] = TINY) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *TINY, *args], capture_output=True, text=True, timeout=300
+        [sys.executable, str(SCRIPT), *base, *args], capture_output=True, text=True, timeout=300
     )
 
 
@@ -62,11 +62,8 @@ def test_dssn_burn_in_defaults_to_the_configs_burn_in_epochs():
 def test_batch_defaults_to_the_global_batch_of_the_configs_workers():
     # one process plays a Ray run's workers: without --batch a step sees all of their scenes
     i = TINY.index("--batch")
-    tiny = TINY[:i] + TINY[i + 2 :]
-    run = subprocess.run(
-        [sys.executable, str(SCRIPT), *tiny, "--iters", "2", "--eval-every", "2",
-         "train.workers=3", "data.batch_size=1"],
-        capture_output=True, text=True, timeout=300,
+    run = calibrate(
+        "--iters", "2", "train.workers=3", "data.batch_size=1", base=TINY[:i] + TINY[i + 2 :]
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert "| batch 3 crop 32 |" in run.stdout
