@@ -9,7 +9,8 @@ Modes, side by side in one run:
 - ``reference``: every shortcut off (teacher in two passes, perturbed branches decoded for
   the labeled images too, state-dict EMA) -- the exact reference structure;
 - ``shortcuts``: every shortcut on (the config defaults);
-- on CUDA also ``shortcuts+bf16+cl``: bf16 autocast and channels_last on top.
+- on CUDA, and on CPUs with native bf16 (AVX512-BF16/AMX), also ``shortcuts+bf16+cl``: bf16
+  autocast and channels_last on top.
 
 Each mode lives in its own process (so peak memory is the mode's own), and the processes take
 turns iteration by iteration, so that load from other processes on a shared machine falls on
@@ -133,7 +134,9 @@ def time_mode(args: argparse.Namespace, mode: str, turn: Any, next_turn: Any) ->
     student.train()
     ema = EMATeacher(student, cfg.dssn.ema, fused=cfg.dssn.fused_ema)
     optimizer = build_optimizer(student, cfg.optim)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if "bf16" in mode else nullcontext()
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if "bf16" in mode else nullcontext()
+    )
 
     def sync() -> float:
         if cuda:
@@ -248,8 +251,10 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    from dssn.train.evaluate import cpu_has_bf16
+
     modes = ["reference", "shortcuts"]
-    if args.device.startswith("cuda"):
+    if args.device.startswith("cuda") or cpu_has_bf16():
         modes.append("shortcuts+bf16+cl")
     print(
         f"DSSN step benchmark: {args.backbone}, crop {args.crop}, batch {args.batch} "

@@ -125,7 +125,7 @@ class TrainConfig:
     eval_every: int = 1
     log_every: int = 20
     seed: int = 0
-    amp: str = "none"  # none | bf16 (CUDA)
+    amp: str = "none"  # none | bf16 (CUDA; CPUs with AVX512-BF16/AMX)
     channels_last: bool = False
     sync_bn: bool = True  # SyncBatchNorm when more than one worker
     keep_checkpoints: int = 2

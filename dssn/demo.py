@@ -26,6 +26,8 @@ DEMO_OVERRIDES = [
     # every epoch of a 3-epoch trial trains DSSN: ASHA's rungs wait for the end of a
     # labeled-only burn-in (the searched terms do nothing in it), which would leave none
     "dssn.burn_in_epochs=0",
+    # two trials share the two cores: one torch thread each (two would oversubscribe them)
+    "train.threads_per_worker=1",
 ]
 DATA_ROOT = "shards/digits"
 CONFIG = "digits.yaml"

@@ -156,3 +156,22 @@ def test_evaluate_two_models_restores_modes():
     for mode in ("center_crop", "sliding_window"):
         again = evaluate({"s": perfect}, [(img, mask)], cfg, torch.device("cpu"), mode=mode)
         assert again["s"].miou == 1.0
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_autocast_on_cpu_only_where_the_cpu_has_bf16(monkeypatch, native):
+    from dssn.config import set_values
+    from dssn.train import evaluate as ev
+
+    monkeypatch.setattr(ev, "cpu_has_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    conv = nn.Conv2d(3, 4, 3)
+    x = torch.randn(1, 3, 8, 8)
+    with ev.autocast_for(set_values(Config(), {"train.amp": "bf16"}), cpu):
+        out = conv(x)
+    assert ev.amp_enabled(set_values(Config(), {"train.amp": "bf16"}), cpu) is native
+    assert out.dtype == (torch.bfloat16 if native else torch.float32)
+    assert conv.weight.dtype == torch.float32  # autocast casts copies, never the weights
+    with ev.autocast_for(Config(), cpu):  # train.amp: none
+        assert conv(x).dtype == torch.float32
+    assert not ev.amp_enabled(Config(), cpu)

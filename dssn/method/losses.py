@@ -74,9 +74,14 @@ def pseudo_label_ce(
 
 
 def standardize_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Per pixel, ``(p - mean_c p) / std_c p`` with the unbiased std over classes."""
-    mean = logits.mean(dim=1, keepdim=True)
-    return (logits - mean) / logits.std(dim=1, keepdim=True)
+    """Per pixel, ``(p - mean_c p) / std_c p`` with the unbiased std over classes.
+
+    The std is taken from the centred logits (two passes) rather than ``Tensor.std``: the same
+    value, and on CPU several times faster (``std`` over the channel dimension was 10% of a
+    DSSN step on the digits)."""
+    centred = logits - logits.mean(dim=1, keepdim=True)
+    var = centred.square().sum(dim=1, keepdim=True) / (logits.shape[1] - 1)
+    return centred / var.sqrt()
 
 
 def normalized_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

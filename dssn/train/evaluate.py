@@ -128,10 +128,24 @@ def eval_mode(models: Iterable[nn.Module]) -> Iterator[None]:
             m.train(was_training)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): oneDNN's bf16 kernels
+    are faster than float32 there, and emulated (slower) elsewhere."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def amp_enabled(cfg: Config, device: torch.device) -> bool:
+    """``train.amp == 'bf16'`` on CUDA, or on a CPU with native bf16."""
+    if cfg.train.amp != "bf16":
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
+
+
 def autocast_for(cfg: Config, device: torch.device):
-    """bf16 autocast on CUDA when ``train.amp == 'bf16'``; a no-op elsewhere."""
-    if cfg.train.amp == "bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast where :func:`amp_enabled`; a no-op elsewhere. The weights, the optimizer,
+    the EMA and the loss block stay float32."""
+    if amp_enabled(cfg, device):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 

@@ -24,7 +24,7 @@ from dssn.config import Config, from_dict
 from dssn.data.format import read_dataset_info
 from dssn.data.pipeline import iter_train_batches, iter_val_samples, iters_per_epoch, to_device
 from dssn.method import step
-from dssn.train.evaluate import autocast_for, evaluate
+from dssn.train.evaluate import amp_enabled, autocast_for, evaluate
 from dssn.train.faults import FaultInjector
 from dssn.train.meter import MetricMeter, image_count
 from dssn.train.schedule import BACKBONE, set_poly_lr
@@ -182,8 +182,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL object collectives use the current device
-    if cfg.train.amp == "bf16" and device.type != "cuda":
-        log(rank, "train.amp=bf16 applies on CUDA only; this CPU run uses float32")
+    if cfg.train.amp == "bf16" and not amp_enabled(cfg, device):
+        log(rank, "train.amp=bf16: this CPU has no native bf16 (AVX512-BF16/AMX); float32")
     nets = build_networks(cfg, device, world_size)
     torch.manual_seed(cfg.train.seed + rank)  # distinct dropout streams per worker
 
