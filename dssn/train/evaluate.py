@@ -14,6 +14,7 @@ evaluates its own share of the rows; the confusion matrices are all-reduced befo
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -128,6 +129,7 @@ def eval_mode(models: Iterable[nn.Module]) -> Iterator[None]:
             m.train(was_training)
 
 
+@functools.cache
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): oneDNN's bf16 kernels
     are faster than float32 there, and emulated (slower) elsewhere."""
