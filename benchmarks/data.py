@@ -184,7 +184,11 @@ def per_core_rate(fn, images: list[bytes], repeats: int) -> float:
 class ClusterCPU:
     """CPU seconds used by this process and all its descendants (the local Ray cluster: GCS,
     raylet, workers), polled every ``interval`` s so workers that exit are still counted.
-    Measures Ray's real cost on a machine shared with other users."""
+    Measures Ray's real cost on a machine shared with other users, process by process: the
+    driver (this process), Ray's worker processes (``ray::``: tasks, actors) and the rest
+    (GCS, raylet, agents)."""
+
+    KINDS = ("driver", "worker", "daemon")
 
     def __init__(self, interval: float = 0.1):
         import threading
@@ -204,8 +208,13 @@ class ClusterCPU:
         for proc in [me, *me.children(recursive=True)]:
             try:
                 t = proc.cpu_times()
-                worker = proc.name().startswith("ray::")  # task / actor processes
-                self.seen[(proc.pid, proc.create_time(), worker)] = t.user + t.system
+                if proc.pid == me.pid:
+                    kind = "driver"
+                elif proc.name().startswith("ray::"):  # task / actor processes
+                    kind = "worker"
+                else:
+                    kind = "daemon"
+                self.seen[(proc.pid, proc.create_time(), kind)] = t.user + t.system
             except psutil.Error:
                 pass
 
@@ -225,15 +234,15 @@ class ClusterCPU:
         self._thread.join()
         self._poll()
 
-    def seconds(self, workers: bool | None = None) -> float:
-        """CPU seconds since ``__enter__``: of Ray's worker processes (True), of the driver
-        and Ray's daemons (False), or of everything (None); the poller's own CPU left out."""
+    def seconds(self, kind: str | None = None) -> float:
+        """CPU seconds since ``__enter__`` of one kind of process (:attr:`KINDS`), or of all
+        (None); the poller's own CPU is left out of the driver's."""
         total = sum(
             v - self.baseline.get(k, 0.0)
             for k, v in self.seen.items()
-            if workers is None or k[2] == workers
+            if kind is None or k[2] == kind
         )
-        return total if workers else total - self.own_cpu
+        return total - self.own_cpu if kind in (None, "driver") else total
 
 
 def ours_rate(images: list[bytes], cfg: DataConfig, repeats: int) -> float:
@@ -246,6 +255,24 @@ def ours_rate(images: list[bytes], cfg: DataConfig, repeats: int) -> float:
         images,
         repeats,
     )
+
+
+def task_cost(root: str, cfg: DataConfig, rows: int, repeats: int = 1) -> float:
+    """CPU seconds per sample of the pipeline's own task function in this process, on one
+    torch thread: ``pipeline.read_and_augment`` over the row groups of a ``rows``-row epoch,
+    i.e. read + decode + augment into the output arrays, without Ray (best of ``repeats``)."""
+    torch.set_num_threads(1)
+    info = fmt.read_dataset_info(root)
+    plan = pipeline.shard_plan(root, "unlabeled", int(info["counts"]["unlabeled"]), rows)
+    best = float("inf")
+    for _ in range(repeats):
+        start, count = time.process_time(), 0
+        for item in plan:
+            batch = {k: np.array([item[k]]) for k in ("path", "row_group")}
+            for out in pipeline.read_and_augment(batch, "unlabeled", cfg):
+                count += len(out["image_u_w"])
+        best = min(best, (time.process_time() - start) / count)
+    return best
 
 
 def separate_reads_stream(cfg, info: dict, rows: int):
@@ -279,7 +306,7 @@ def one_pass(ds, background: float) -> dict:
         "cpu_per_sample": meter.seconds() / count,
         # what the pipeline adds to an idle cluster's own CPU use
         "pipeline_cpu_per_sample": (meter.seconds() - background * wall) / count,
-        "worker_cpu_per_sample": meter.seconds(workers=True) / count,
+        **{f"{kind}_cpu_per_sample": meter.seconds(kind) / count for kind in meter.KINDS},
         "new_processes": len(set(meter.seen) - set(meter.baseline)),
     }
 
@@ -317,11 +344,12 @@ def ray_rate(
             "separate reads": separate_reads_stream(full, info, rows),
         }
         results: dict[str, list[dict]] = {name: [] for name in variants}
-        in_process = []
+        in_process, task = [], []
         for _ in range(passes + 1):
             for name, ds in variants.items():
                 results[name].append(one_pass(ds, background))
             in_process.append(ours_rate(images, cfg, 1))
+            task.append(task_cost(root, cfg, rows))
     finally:
         ray.shutdown()
     out = {}
@@ -332,8 +360,32 @@ def ray_rate(
         "variants": out,
         "in_worker_rate": in_worker,
         "in_process_rate": float(np.median(in_process)),
+        "task_cpu_per_sample": float(np.median(task)),
         "background_cpus": background,
     }
+
+
+def print_breakdown(results: dict[int, dict]) -> None:
+    """Where the fused pipeline's CPU goes, ms a sample, process by process (the kept pass)."""
+    print("\nWhere the CPU goes (fused layout, the kept pass), ms a sample. Ray workers: the")
+    print("read + augment tasks; task function in one process: pipeline.read_and_augment over")
+    print("the same row groups without Ray (median between passes); Ray's share: the")
+    print("difference (task machinery, output blocks into the object store); driver: this")
+    print("process consuming the batches (Ray Data's executor and iterator threads); daemons:")
+    print("GCS, raylet, agents. Budget: the CPU a sample may cost to meet the target, i.e.")
+    print("1 / (80% x per-core in-process rate).\n")
+    print("| CPUs | Ray workers | task function in one process | Ray's share in the workers | "
+          "driver | daemons | all | budget |")  # fmt: skip
+    print("|-----:|------------:|-----------------------------:|---------------------------:|"
+          "-------:|--------:|----:|-------:|")  # fmt: skip
+    for cpus, r in results.items():
+        v = r["variants"]["fused"]
+        ms = {k: 1000 * v[f"{k}_cpu_per_sample"] for k in ("worker", "driver", "daemon")}
+        task = 1000 * r["task_cpu_per_sample"]
+        budget = 1000 / (0.8 * r["in_process_rate"])
+        print(f"| {cpus:4d} | {ms['worker']:11.2f} | {task:28.2f} | {ms['worker'] - task:26.2f} | "
+              f"{ms['driver']:6.2f} | {ms['daemon']:7.2f} | {1000 * v['cpu_per_sample']:.2f} | "
+              f"{budget:6.2f} |")  # fmt: skip
 
 
 def main() -> None:
@@ -407,8 +459,9 @@ def main() -> None:
               "-----------------------------:|------------------------------:|--------------:|"
               "------------:|-----------------------:|------------------:|"
               "------------------------:|")  # fmt: skip
+        fused = {}
         for cpus in (1, 2):
-            r = ray_rate(root, cfg, cpus, args.ray_rows, images)
+            r = fused[cpus] = ray_rate(root, cfg, cpus, args.ray_rows, images)
             per_core = r["in_process_rate"]
             target = 0.8 * per_core * cpus
             for name, v in r["variants"].items():
@@ -424,6 +477,7 @@ def main() -> None:
                       f"{target:21.1f} ({verdict:6s}) | {v['new_processes']:13d} | "
                       f"{v['cold_s']:11.1f} | {r['in_worker_rate']:22.1f} | "
                       f"{r['background_cpus']:17.2f} | {pipeline_only:14.1f} ({verdict_pipe:6s}) |")  # fmt: skip
+        print_breakdown(fused)
     print(
         f"\nload average during the run: {os.getloadavg()[0]:.1f} (this machine: "
         f"{os.cpu_count()} CPUs, shared)"
