@@ -154,9 +154,10 @@ def report(name: str, loaded, total: dict, images: int, part: str, bn: str) -> N
     names = class_names_for(cfg.model.num_classes, loaded.dataset)
     d = cfg.dssn
     own = d.selection if d.selection in RULES else "dssn"
+    trained = "supervised-only" if cfg.method == "supervised" else f"with selection {d.selection}"
     print(
-        f"\n{name}: teacher on {images} {part} scenes, BatchNorm {bn}; trained with selection "
-        f"{d.selection}. Rules: dssn (ratio {d.select_ratio}, floor {d.select_floor}), threshold "
+        f"\n{name}: teacher on {images} {part} scenes, BatchNorm {bn}; trained {trained}. "
+        f"Rules: dssn (ratio {d.select_ratio}, floor {d.select_floor}), threshold "
         f"{d.threshold}, topk {d.topk_ratio}, none (every pixel)"
     )
     print(
