@@ -43,7 +43,7 @@ from dssn.data.pipeline import decode_image, decode_mask
 from dssn.method.selection import select
 from dssn.train.checkpoint import is_checkpoint_dir
 from dssn.train.evaluate import autocast_for
-from dssn.train.inference import load_for_inference
+from dssn.train.inference import Loaded, load_for_inference
 from dssn.train.tables import class_names_for
 
 RULES = ("dssn", "threshold", "topk", "none")
@@ -129,7 +129,7 @@ def batches(samples, size: int):
 
 
 @torch.no_grad()
-def score(path: str, args: argparse.Namespace) -> tuple[Config, dict, int]:
+def score(path: str, args: argparse.Namespace) -> tuple[Loaded, dict, int]:
     loaded = load_for_inference(checkpoint_dir(path))
     cfg, teacher = loaded.cfg, loaded.models["teacher"]
     teacher.train(args.bn == "train")
