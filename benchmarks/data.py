@@ -262,22 +262,19 @@ def ours_rate(images: list[bytes], cfg: DataConfig, repeats: int) -> float:
     )
 
 
-def task_cost(root: str, cfg: DataConfig, rows: int, repeats: int = 1) -> float:
+def task_cost(root: str, cfg: DataConfig, rows: int) -> float:
     """CPU seconds per sample of the pipeline's own task function in this process, on one
     torch thread: ``pipeline.read_and_augment`` over the row groups of a ``rows``-row epoch,
-    i.e. read + decode + augment into the output arrays, without Ray (best of ``repeats``)."""
+    i.e. read + decode + augment into the output arrays, without Ray."""
     torch.set_num_threads(1)
     info = fmt.read_dataset_info(root)
     plan = pipeline.shard_plan(root, "unlabeled", int(info["counts"]["unlabeled"]), rows)
-    best = float("inf")
-    for _ in range(repeats):
-        start, count = time.process_time(), 0
-        for item in plan:
-            batch = {k: np.array([item[k]]) for k in ("path", "row_group")}
-            for out in pipeline.read_and_augment(batch, "unlabeled", cfg):
-                count += len(out["image_u_w"])
-        best = min(best, (time.process_time() - start) / count)
-    return best
+    start, count = time.process_time(), 0
+    for item in plan:
+        batch = {k: np.array([item[k]]) for k in ("path", "row_group")}
+        for out in pipeline.read_and_augment(batch, "unlabeled", cfg):
+            count += len(out["image_u_w"])
+    return (time.process_time() - start) / count
 
 
 def separate_reads_stream(cfg, info: dict, rows: int):
@@ -464,9 +461,9 @@ def main() -> None:
               "-----------------------------:|------------------------------:|--------------:|"
               "------------:|-----------------------:|------------------:|"
               "------------------------:|")  # fmt: skip
-        fused = {}
+        by_cpus = {}
         for cpus in (1, 2):
-            r = fused[cpus] = ray_rate(root, cfg, cpus, args.ray_rows, images)
+            r = by_cpus[cpus] = ray_rate(root, cfg, cpus, args.ray_rows, images)
             per_core = r["in_process_rate"]
             target = 0.8 * per_core * cpus
             for name, v in r["variants"].items():
@@ -482,7 +479,7 @@ def main() -> None:
                       f"{target:21.1f} ({verdict:6s}) | {v['new_processes']:13d} | "
                       f"{v['cold_s']:11.1f} | {r['in_worker_rate']:22.1f} | "
                       f"{r['background_cpus']:17.2f} | {pipeline_only:14.1f} ({verdict_pipe:6s}) |")  # fmt: skip
-        print_breakdown(fused)
+        print_breakdown(by_cpus)
     print(
         f"\nload average during the run: {os.getloadavg()[0]:.1f} (this machine: "
         f"{os.cpu_count()} CPUs, shared)"

@@ -47,6 +47,7 @@ from dssn.train.inference import Loaded, load_for_inference
 from dssn.train.tables import class_names_for
 
 RULES = ("dssn", "threshold", "topk", "none")
+PROGRESS_EVERY = 500  # scenes between progress lines (stderr)
 
 
 def tally(logits: torch.Tensor, mask: torch.Tensor, cfg: Config, rules=RULES) -> dict:
@@ -143,6 +144,8 @@ def score(path: str, args: argparse.Namespace) -> tuple[Loaded, dict, int]:
             logits = teacher(x).float()
         total = add(total, tally(logits, torch.stack([mask for _, mask in group]), cfg))
         images += len(group)
+        if images // PROGRESS_EVERY > (images - len(group)) // PROGRESS_EVERY:
+            print(f"{path}: {images} {args.part} scenes scored", file=sys.stderr, flush=True)
     if not (loaded.dataset or {}).get("classes"):  # class names from the shards instead
         with contextlib.suppress(fmt.ShardError):  # else numbers for names
             loaded.dataset = fmt.read_dataset_info(root)
