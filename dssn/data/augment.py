@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
 from dssn.config import IGNORE_INDEX, UNLABELED_PAD
+from dssn.data import kernels
 
 # ITU-R 601 luma, as PIL's convert("L") and torchvision's rgb_to_grayscale
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
@@ -80,7 +80,7 @@ def _linear_taps(start: int, n: int, in_size: int, out_size: int):
     src = np.maximum((pos + 0.5) * (in_size / out_size) - 0.5, 0)
     lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
     hi = np.minimum(lo + 1, in_size - 1)
-    return lo, hi, torch.from_numpy((src - lo).astype(np.float32))
+    return lo, hi, (src - lo).astype(np.float32)
 
 
 def _resample_window(image: torch.Tensor, out_h: int, out_w: int, top, left, rows, cols, flip):
@@ -92,24 +92,13 @@ def _resample_window(image: torch.Tensor, out_h: int, out_w: int, top, left, row
         small = TF.resize(image, [out_h, out_w], antialias=True).numpy()
         window = small[:, top : top + rows, left : left + cols]
         return window[..., ::-1] if flip else window
-    # upscaling: bilinear taps for just the window, never the whole enlarged image. Both
-    # passes gather whole rows (numpy fancy indexing: a memcpy per row; column gathers and
-    # np.take are ~10x slower), so the columns pass runs on the transposed source region,
-    # and the region is transposed back (on the small side of the upscale) for the rows pass.
+    # upscaling: bilinear taps for just the window, never the whole enlarged image
     y0, y1, wy = _linear_taps(top, rows, h, out_h)
     x0, x1, wx = _linear_taps(left, cols, w, out_w)
     if flip:  # mirror by reading the columns right to left
-        x0, x1, wx = x0[::-1], x1[::-1], wx.flip(0)
-    r_lo, c_lo = int(y0[0]), int(min(x0[0], x0[-1]))
-    region = image[:, r_lo : int(y1[-1]) + 1, c_lo : int(max(x1[0], x1[-1])) + 1]
-    region = np.ascontiguousarray(region.numpy().transpose(0, 2, 1))  # (3, cols_src, rows_src)
-    left_cols = torch.from_numpy(region[:, x0 - c_lo]).float()  # (3, cols, rows_src)
-    right_cols = torch.from_numpy(region[:, x1 - c_lo]).float()
-    across = torch.lerp(left_cols, right_cols, wx[:, None]).transpose(1, 2).contiguous().numpy()
-    top_rows = torch.from_numpy(across[:, y0 - r_lo])  # (3, rows, cols)
-    low_rows = torch.from_numpy(across[:, y1 - r_lo])
-    out = torch.lerp(top_rows, low_rows, wy[:, None]).numpy()  # in [0, 255]: no clamp needed
-    return np.rint(out, out=out)
+        x0, x1, wx = x0[::-1].copy(), x1[::-1].copy(), wx[::-1].copy()
+    pixels = np.ascontiguousarray(image.numpy().transpose(1, 2, 0))  # decoded: a view of HWC
+    return kernels.bilinear_window(pixels, y0, y1, wy, x0, x1, wx)
 
 
 def _place(window: np.ndarray, out: np.ndarray, flip: bool, fill: int) -> None:
@@ -179,6 +168,7 @@ def ignore_from_mask(mask: torch.Tensor) -> torch.Tensor:
 # clip where the result is a convex combination of values in [0, 255] (factor in [0, 1]).
 
 F32 = np.float32
+GRAY_WEIGHTS_F32 = np.array(GRAY_WEIGHTS, dtype=F32)
 GREY_CHROMA = 1e-3  # max - min below this (on the 0..255 scale): a grey pixel, hue undefined
 HUE_LEVELS = 256  # hue resolution per sextant of the colour circle (PIL's HSV has 256 per turn)
 
@@ -231,9 +221,7 @@ def saturation(x: np.ndarray, factor: float) -> np.ndarray:
     """Blend with the grey image (PIL ImageEnhance.Color)."""
     if len(x) == 1:  # already grey
         return x
-    gray = _t(_gray(x))
-    for plane in x:
-        _t(plane).lerp_(gray, 1 - factor)  # factor * x + (1 - factor) * gray, one pass
+    kernels.saturate(x, F32(factor), GRAY_WEIGHTS_F32)  # factor * x + (1 - factor) * gray
     return _blend_clip(x, factor)
 
 
@@ -249,7 +237,6 @@ def _hue_profiles() -> np.ndarray:
 
 
 HUE_PROFILES = _hue_profiles()
-HUE_PROFILES_T = torch.from_numpy(HUE_PROFILES)
 
 
 def hue(x: np.ndarray, shift: float) -> np.ndarray:
@@ -257,37 +244,13 @@ def hue(x: np.ndarray, shift: float) -> np.ndarray:
 
     Value V = max and chroma C = max - min are kept; only the hue angle H (in sextants) moves,
     and channel n becomes V - C * P_n(H) = lerp(V, min, P_n(H)). The hue is quantised to 1/256
-    of a sextant (PIL's HSV keeps 1/256 of a turn) so that P_n is a table lookup.
+    of a sextant (PIL's HSV keeps 1/256 of a turn) so that P_n is a table lookup; one fused
+    pass per row (``kernels.hue_rotate``).
     """
     if len(x) == 1:  # grey: no hue to rotate
         return x
-    r, g, b = x
-    vmax = np.maximum(r, g)
-    np.maximum(vmax, b, out=vmax)
-    vmin = np.minimum(r, g)
-    np.minimum(vmin, b, out=vmin)
-    chroma = np.subtract(vmax, vmin)
-    # 1 / C, with C floored at GREY_CHROMA (far under one intensity level): a float-rounding
-    # chroma (a denormal after blur) would otherwise overflow to inf and the hue to NaN. The
-    # hue numerator below is at most C, so a grey pixel gets a finite hue and keeps V - C * P,
-    # within C of its value.
-    scale = np.maximum(chroma, F32(GREY_CHROMA))
-    np.divide(F32(HUE_LEVELS), scale, out=scale)
-    # hue in sextants times C: blue max 4 C + r - g, green max 2 C + b - r, red max g - b
-    # (a tie goes to red, then green, as torchvision's rgb_to_hsv)
-    h = torch.sub(_t(r), _t(g)).add_(_t(chroma), alpha=4).numpy()
-    case = torch.sub(_t(b), _t(r)).add_(_t(chroma), alpha=2).numpy()
-    np.copyto(h, case, where=vmax == g)
-    np.subtract(g, b, out=case)
-    np.copyto(h, case, where=vmax == r)
-    h *= scale  # in levels, [-L, 5 L]
-    h += F32(6 * HUE_LEVELS + round(shift * 6 * HUE_LEVELS))  # > 0: truncation is floor
-    index = _t(h.astype(np.int32)).view(-1)  # < 15 L: inside the tiled profiles
-    top, bottom = _t(vmax), _t(vmin)
-    for i in range(3):
-        profile = torch.index_select(HUE_PROFILES_T[i], 0, index).view(top.shape)
-        torch.lerp(top, bottom, profile, out=_t(x[i]))
-    return x
+    offset = F32(6 * HUE_LEVELS + round(shift * 6 * HUE_LEVELS))  # 6 sextants: index > 0
+    return kernels.hue_rotate(x, offset, HUE_PROFILES, F32(HUE_LEVELS), F32(GREY_CHROMA))
 
 
 def grayscale(x: np.ndarray) -> np.ndarray:
@@ -303,27 +266,14 @@ def _gaussian_kernel(sigma: float, radius: int) -> list[float]:
 
 
 def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur, reflect-padded, radius ceil(3 sigma).
-
-    Each pass is a chain of torch's fused multiply-adds over shifted views (one full pass per
-    tap: this costs ~15 us a channel, the Python dispatch of each ~2 us, so all channels go
-    through one chain). torch's conv1d/conv2d for these one-channel kernels are 2-4x slower.
-    """
+    """Separable Gaussian blur, reflect-padded, radius ceil(3 sigma) (one fused pass per row,
+    ``kernels.blur_separable``)."""
     _, h, w = x.shape
     radius = min(math.ceil(BLUR_TRUNCATE * sigma), h - 1, w - 1)
     if radius < 1:
         return x
-    kernel = _gaussian_kernel(sigma, radius)
-    padded = F.pad(_t(x)[None], (radius,) * 4, mode="reflect")[0]
-    # (C, H + 2r, W + 2r) -> horizontal pass (C, H + 2r, W) -> vertical pass (C, H, W)
-    across = torch.mul(padded.narrow(2, 0, w), kernel[0])
-    for i in range(1, 2 * radius + 1):
-        across.add_(padded.narrow(2, i, w), alpha=kernel[i])
-    out = _t(x)
-    torch.mul(across.narrow(1, 0, h), kernel[0], out=out)
-    for i in range(1, 2 * radius + 1):
-        out.add_(across.narrow(1, i, h), alpha=kernel[i])
-    return x
+    weights = np.asarray(_gaussian_kernel(sigma, radius), dtype=F32)
+    return kernels.blur_separable(x, weights, radius)
 
 
 def autocontrast(x: np.ndarray) -> np.ndarray:
