@@ -3,6 +3,8 @@ the tensor ops with the PIL operations of the reference."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -225,6 +227,28 @@ def test_hue_of_near_grey_pixels_stays_finite():
     out = A.hue(image.copy(), 0.3)
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out, image, atol=1e-3)  # grey stays grey
+
+
+@pytest.mark.parametrize(
+    "channels, h, w, sigma", [(3, 40, 33, 1.3), (1, 7, 9, 2.0), (3, 5, 64, 0.6)]
+)
+def test_blur_is_a_reflect_padded_separable_gaussian(channels, h, w, sigma):
+    # the fused kernel against the textbook computation in float64 (radius capped by the size)
+    x = np.random.default_rng(7).uniform(0, 255, (channels, h, w)).astype(np.float32)
+    radius = min(math.ceil(3 * sigma), h - 1, w - 1)
+    k = np.array(A._gaussian_kernel(sigma, radius))
+    padded = np.pad(x.astype(np.float64), ((0, 0), (radius, radius), (radius, radius)), "reflect")
+    across = sum(k[i] * padded[:, :, i : i + w] for i in range(2 * radius + 1))
+    reference = sum(k[i] * across[:, i : i + h] for i in range(2 * radius + 1))
+    np.testing.assert_allclose(A.gaussian_blur(x.copy(), sigma), reference, atol=1e-3)
+
+
+def test_saturation_blends_with_the_luma():
+    x = np.random.default_rng(8).uniform(0, 255, (3, 6, 5)).astype(np.float32)
+    grey = np.tensordot(np.array(A.GRAY_WEIGHTS), x.astype(np.float64), axes=1)
+    for factor in (0.0, 0.4, 1.0, 1.7):
+        expected = np.clip(factor * x + (1 - factor) * grey, 0, 255)
+        np.testing.assert_allclose(A.saturation(x.copy(), factor), expected, atol=1e-3)
 
 
 def test_autocontrast_of_a_denormal_range_stays_finite():
