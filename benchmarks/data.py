@@ -411,7 +411,7 @@ def main() -> None:
     images = fabricate_jpegs(args.samples)
 
     rates = {
-        "ours (torch/numpy, crop first)": ours_rate(images, cfg, args.repeats),
+        "ours (fused kernels, crop first)": ours_rate(images, cfg, args.repeats),
         "PIL reference (uint8 outputs)": per_core_rate(
             lambda d: pil_unlabeled(d, args.crop, False), images, args.repeats
         ),
@@ -419,7 +419,7 @@ def main() -> None:
             lambda d: pil_unlabeled(d, args.crop, True), images, args.repeats
         ),
     }
-    base = rates["ours (torch/numpy, crop first)"]
+    base = rates["ours (fused kernels, crop first)"]
     kb = np.mean([len(d) for d in images]) / 1024
     print(f"\nunlabeled sample (weak + 2 strong + 2 boxes), crop {args.crop}, ")
     print(f"{args.samples} fabricated {VOC_SIZE[0]}x{VOC_SIZE[1]} JPEGs (~{kb:.0f} KB), 1 thread\n")

@@ -10,8 +10,9 @@ numpy ``Generator`` passed in, so the same seed gives the same output::
 Speed (benchmarks/data.py): the reference runs each op as a PIL round trip on the whole
 rescaled image. Here the crop window is resampled directly (only pixels that survive the crop
 are computed; the result equals PIL's resize + pad + crop to a grey level, masks exactly), and
-a strong view is a chain of in-place float32 ops on the crop (numpy, and torch's fused kernels
-where they save a pass), rounded to uint8 once at the end (the reference rounds after every op;
+a strong view is a chain of in-place float32 ops on the crop (numpy, torch's fused kernels
+where they save a pass, and numba loops for hue, blur, saturation and the bilinear window:
+``dssn.data.kernels``), rounded to uint8 once at the end (the reference rounds after every op;
 the difference is a grey level or two). After RandomGrayscale a view carries one channel. The
 pipeline ships ignore masks and CutMix boxes as a few numbers (``unlabeled_views``) and rebuilds
 the masks in the consumer.
