@@ -1,17 +1,18 @@
-"""Fused per-pixel loops for the two costliest strong-view ops, compiled with numba.
+"""Fused per-pixel loops for the costliest augmentation steps, compiled with numba.
 
-Hue rotation and Gaussian blur written as chains of whole-image numpy/torch passes are bound
-by memory traffic (hue: ~25 passes over the crop; blur: one pass per tap). These loops make one
-pass per image row with the row's working set in cache: on a 321 x 321 crop hue takes ~0.3 ms
-instead of ~1.1 ms, blur ~0.5-0.8 ms instead of ~1.5-2.7 ms (``benchmarks/data.py``).
+Hue rotation, Gaussian blur, saturation and the bilinear crop window written as chains of
+whole-image numpy/torch passes are bound by memory traffic (hue: ~25 passes over the crop;
+blur: one pass per tap). These loops make one pass per image row with the row's working set
+in cache. On a 321 x 321 crop: hue ~0.3-0.45 ms instead of 1.1-2.1 ms, blur 0.5-0.8 ms instead
+of 1.5-2.7 ms, the upscaling crop window ~0.54 ms instead of 1.3 ms (README, "Data").
 
-Both work in place on C-contiguous float32 (C, H, W) arrays with the whole-image
-formulation's float32 arithmetic, op for op (the blur may differ in the last bit where the
-compiler fuses a multiply-add: ~1e-5 of a grey level). Compiled on first
-use and cached on disk (``cache=True``: next to this file, or under ``NUMBA_CACHE_DIR``), so a
-fresh process, a Ray worker included, loads them in milliseconds. ``error_model="numpy"``
-drops numba's division-by-zero check (a branch that keeps LLVM from vectorising the hue loop,
-2-3x slower; the divisor here is floored above zero anyway).
+They compute what the whole-image code computed: hue bit for bit, the blur to ~1e-5 of a grey
+level (where the compiler fuses a multiply-add), the crop window within one grey level (where
+torch's vectorised lerp rounds the other way); ``_lerp`` is torch.lerp's formula. Compiled on
+first use (~2 s for all) and cached on disk (``cache=True``: next to this file, or under
+``NUMBA_CACHE_DIR``), so a fresh process, a Ray worker included, loads them in milliseconds.
+``error_model="numpy"`` drops numba's division-by-zero check (a branch that keeps LLVM from
+vectorising the hue loop, 2-3x slower; the divisor there is floored above zero anyway).
 """
 
 from __future__ import annotations
