@@ -10,7 +10,8 @@ They compute what the whole-image code computed: hue bit for bit, the blur to ~1
 level (where the compiler fuses a multiply-add), the crop window within one grey level (where
 torch's vectorised lerp rounds the other way); ``_lerp`` is torch.lerp's formula. Compiled on
 first use (~2 s for all) and cached on disk (``cache=True``: next to this file, or under
-``NUMBA_CACHE_DIR``), so a fresh process, a Ray worker included, loads them in milliseconds.
+``NUMBA_CACHE_DIR``). A fresh process, a Ray worker included, loads them from there: 0.6-0.9 s
+for the first one (numba starting LLVM), milliseconds for the rest.
 ``error_model="numpy"`` drops numba's division-by-zero check (a branch that keeps LLVM from
 vectorising the hue loop, 2-3x slower; the divisor there is floored above zero anyway).
 """
