@@ -322,3 +322,23 @@ def test_ops_stay_finite_on_extreme_values():
             out = apply(image.copy(), draw(cfg(), np.random.default_rng(seed)))
             assert np.isfinite(out).all(), name
             assert out.min() >= -1e-3 and out.max() <= 255 + 1e-3, name
+
+
+def test_kernels_compile_without_a_writable_cache(monkeypatch):
+    # a read-only install with no writable home: numba finds nowhere to cache; the kernels
+    # must still load (compiled per process) and say how to get the cache back
+    import importlib.util
+
+    from numba.core import caching
+
+    from dssn.data import kernels
+
+    monkeypatch.setattr(caching.CacheImpl, "_locator_classes", [])
+    spec = importlib.util.spec_from_file_location("kernels_uncached", kernels.__file__)
+    module = importlib.util.module_from_spec(spec)
+    with pytest.warns(RuntimeWarning, match="NUMBA_CACHE_DIR"):
+        spec.loader.exec_module(module)
+    x = np.full((3, 2, 2), 100.0, np.float32)
+    x[0] = 200.0
+    grey = module.saturate(x.copy(), np.float32(0.0), A.GRAY_WEIGHTS_F32)
+    np.testing.assert_allclose(grey, 0.299 * 200 + 0.701 * 100, rtol=1e-6)

@@ -18,8 +18,29 @@ vectorising the hue loop, 2-3x slower; the divisor there is floored above zero a
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from numba import njit
+
+_OPTIONS = {"nogil": True, "error_model": "numpy"}
+
+
+def _kernel(function):
+    """``njit`` with the on-disk cache, or without it (compiled again in every process, ~2 s)
+    when numba finds no writable place for it: a read-only install with no writable home
+    directory, as in some containers. Set ``NUMBA_CACHE_DIR`` to a writable directory there."""
+    try:
+        return njit(cache=True, **_OPTIONS)(function)
+    except RuntimeError as error:  # numba: "cannot cache function ...: no locator available"
+        warnings.warn(
+            f"dssn.data.kernels: {error}; compiling {function.__name__} in every process "
+            "(~2 s each) - set NUMBA_CACHE_DIR to a writable directory to cache it",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return njit(**_OPTIONS)(function)
+
 
 _ONE = np.float32(1.0)
 _HALF = np.float32(0.5)
@@ -35,7 +56,7 @@ def _lerp(start, end, weight):
     return end - (end - start) * (_ONE - weight)
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@_kernel
 def hue_rotate(x, offset, profiles, levels, min_chroma):
     """Rotate each pixel's HSV hue of an RGB float32 image (3, H, W) in place.
 
@@ -77,7 +98,7 @@ def hue_rotate(x, offset, profiles, levels, min_chroma):
     return x
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@_kernel
 def blur_separable(x, weights, radius):
     """Blur a float32 image (C, H, W) in place with the separable kernel ``weights``
     (2 radius + 1 taps), reflect-padded (edge pixel not repeated, as torch's "reflect").
@@ -125,7 +146,7 @@ def blur_separable(x, weights, radius):
     return x
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@_kernel
 def saturate(x, factor, weights):
     """Blend an RGB float32 image (3, H, W) in place with its grey level:
     lerp(grey, x, factor) as ``torch.lerp(x, grey, 1 - factor)``, grey = the ``weights``
@@ -143,7 +164,7 @@ def saturate(x, factor, weights):
     return x
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@_kernel
 def bilinear_window(image, y0, y1, wy, x0, x1, wx):
     """Bilinear samples of a uint8 image (H, W, C) -> float32 (C, rows, cols), rounded to
     whole numbers: output (i, j) interpolates source rows y0[i], y1[i] (weight wy[i] on y1)
