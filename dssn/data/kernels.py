@@ -6,9 +6,10 @@ blur: one pass per tap). These loops make one pass per image row with the row's 
 in cache. On a 321 x 321 crop: hue ~0.3-0.45 ms instead of 1.1-2.1 ms, blur 0.5-0.8 ms instead
 of 1.5-2.7 ms, the upscaling crop window ~0.54 ms instead of 1.3 ms (README, "Data").
 
-They compute what the whole-image code computed: hue bit for bit, the blur to ~1e-5 of a grey
-level (where the compiler fuses a multiply-add), the crop window within one grey level (where
-torch's vectorised lerp rounds the other way); ``_lerp`` is torch.lerp's formula. Compiled on
+They compute what the whole-image code computed: hue, saturation and blur to ~1e-5 of a grey
+level (the last bit, where torch or the compiler fuses a multiply-add the other does not), the
+crop window within one grey level (where torch's vectorised lerp rounds the other way);
+``_lerp`` is torch.lerp's formula. Compiled on
 first use (~2 s for all) and cached on disk (``cache=True``: next to this file, or under
 ``NUMBA_CACHE_DIR``). A fresh process, a Ray worker included, loads them from there: 0.6-0.9 s
 for the first one (numba starting LLVM), milliseconds for the rest.
@@ -85,7 +86,7 @@ def hue_rotate(x, offset, profiles, levels, min_chroma):
             green = (bv - rv) + _TWO * chroma
             blue = (rv - gv) + _FOUR * chroma
             sextants = red if vmax == rv else (green if vmax == gv else blue)
-            # > 0, so truncation is floor; clamped so no input can read outside the table
+            # > 0, so truncation is floor; clamped so no finite input reads outside the table
             index[j] = min(max(np.int32(sextants * scale + offset), 0), last)
             top[j] = vmax
             bottom[j] = vmin
