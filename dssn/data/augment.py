@@ -164,9 +164,11 @@ def ignore_from_mask(mask: torch.Tensor) -> torch.Tensor:
 # caller, so each op is a plain function.
 #
 # Speed (per op ~0.1-1 ms on a 321 crop, memory-bound): each full pass over the image costs
-# ~15 us per channel, so the ops are written for few passes: torch's fused kernels where they
-# save one (add_ with alpha, lerp, index_select), numpy for comparisons and selections, and no
-# clip where the result is a convex combination of values in [0, 255] (factor in [0, 1]).
+# ~15-27 us per channel, so the ops are written for few passes: numba loops that make one pass
+# per row for the costliest (hue, blur, saturation: ``dssn.data.kernels``), torch's fused
+# kernels where they save a pass (add_ with alpha, index_select), numpy for comparisons and
+# selections, and no clip where the result is a convex combination of values in [0, 255]
+# (factor in [0, 1]).
 
 F32 = np.float32
 GRAY_WEIGHTS_F32 = np.array(GRAY_WEIGHTS, dtype=F32)
