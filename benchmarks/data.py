@@ -190,10 +190,11 @@ class ClusterCPU:
     """CPU seconds used by this process and all its descendants (the local Ray cluster: GCS,
     raylet, workers), polled every ``interval`` s so workers that exit are still counted.
     Measures Ray's real cost on a machine shared with other users, process by process: the
-    driver (this process), Ray's worker processes (``ray::``: tasks, actors) and the rest
-    (GCS, raylet, agents)."""
+    driver (this process), Ray's task worker processes (``ray::IDLE`` / ``ray::MapBatches…``),
+    Ray's own actors and agents (``ray::_StatsActor``, ``ray::_AutoscalingCoordinatorActor``,
+    ``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``) and the rest (GCS, raylet)."""
 
-    KINDS = ("driver", "worker", "daemon")
+    KINDS = ("driver", "worker", "service", "daemon")
 
     def __init__(self, interval: float = 0.1):
         import threading
@@ -215,7 +216,9 @@ class ClusterCPU:
                 t = proc.cpu_times()
                 if proc.pid == me.pid:
                     kind = "driver"
-                elif proc.name().startswith("ray::"):  # task / actor processes
+                elif proc.name().startswith(("ray::_", "ray::DashboardAgent", "ray::RuntimeEnv")):
+                    kind = "service"  # a process keeps its name: this never changes per pid
+                elif proc.name().startswith("ray::"):  # task workers (IDLE / MapBatches(…))
                     kind = "worker"
                 else:
                     kind = "daemon"
@@ -370,23 +373,24 @@ def ray_rate(
 def print_breakdown(results: dict[int, dict]) -> None:
     """Where the fused pipeline's CPU goes, ms a sample, process by process (the kept pass)."""
     print("\nWhere the CPU goes (fused layout, the kept pass), ms a sample. Ray workers: the")
-    print("read + augment tasks; task function in one process: pipeline.read_and_augment over")
-    print("the same row groups without Ray (median between passes); Ray's share: the")
-    print("difference (task machinery, output blocks into the object store); driver: this")
-    print("process consuming the batches (Ray Data's executor and iterator threads); daemons:")
-    print("GCS, raylet, agents. Budget: the CPU a sample may cost to meet the target, i.e.")
-    print("1 / (80% x per-core in-process rate).\n")
+    print("processes that run the read + augment tasks; task function in one process:")
+    print("pipeline.read_and_augment over the same row groups without Ray (median between")
+    print("passes); Ray's share: the difference (task machinery, output blocks into the object")
+    print("store); Ray's actors and agents: Ray Data's stats and autoscaling actors, the")
+    print("dashboard and runtime-env agents; driver: this process consuming the batches (Ray")
+    print("Data's executor and iterator threads); daemons: GCS, raylet. Budget: the CPU a sample")
+    print("may cost to meet the target, i.e. 1 / (80% x per-core in-process rate).\n")
     print("| CPUs | Ray workers | task function in one process | Ray's share in the workers | "
-          "driver | daemons | all | budget |")  # fmt: skip
+          "Ray's actors and agents | driver | daemons | all | budget |")  # fmt: skip
     print("|-----:|------------:|-----------------------------:|---------------------------:|"
-          "-------:|--------:|----:|-------:|")  # fmt: skip
+          "------------------------:|-------:|--------:|----:|-------:|")  # fmt: skip
     for cpus, r in results.items():
         v = r["variants"]["fused"]
-        ms = {k: 1000 * v[f"{k}_cpu_per_sample"] for k in ("worker", "driver", "daemon")}
+        ms = {k: 1000 * v[f"{k}_cpu_per_sample"] for k in ClusterCPU.KINDS}
         task = 1000 * r["task_cpu_per_sample"]
         budget = 1000 / (0.8 * r["in_process_rate"])
         print(f"| {cpus:4d} | {ms['worker']:11.2f} | {task:28.2f} | {ms['worker'] - task:26.2f} | "
-              f"{ms['driver']:6.2f} | {ms['daemon']:7.2f} | {1000 * v['cpu_per_sample']:.2f} | "
+              f"{ms['service']:23.2f} | {ms['driver']:6.2f} | {ms['daemon']:7.2f} | {1000 * v['cpu_per_sample']:.2f} | "
               f"{budget:6.2f} |")  # fmt: skip
 
 
@@ -446,7 +450,7 @@ def main() -> None:
         print("-> numpy batches in the driver; best of 3 warm passes, the two task layouts")
         print("alternating (fused: one read + augment task per row group, as the pipeline is")
         print("built; separate: a read task, then augment tasks). CPU ms/sample: all")
-        print("processes of the local cluster (in brackets: Ray's worker processes only).")
+        print("processes of the local cluster (in brackets: the task workers only).")
         print(
             "CPU-based rate = CPUs / cluster CPU-seconds per sample: the rate on dedicated cores.\n"
         )

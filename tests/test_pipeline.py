@@ -141,22 +141,38 @@ def test_row_group_reads_permute_rows(tmp_path):
     assert len(orders) > 1 and all(sorted(o) == sorted(next(iter(orders))) for o in orders)
 
 
-def test_read_and_augment_yields_one_block_per_map_batch_rows(tmp_path):
-    """The fused task of a training stream: one row group in, blocks of map_batch_rows out,
-    every row of the group exactly once (the constant grey level of a weak view names it)."""
+def test_read_and_augment_outputs_one_batch_per_row_group(tmp_path):
+    """The fused task of a training stream: one row group in, one batch out (so one block of
+    single-array columns), every row of the group exactly once (the constant grey level of a
+    weak view names it)."""
     root = make_shards(tmp_path, n_labeled=10, n_unlabeled=10, shard_rows=10)
-    cfg = make_cfg(root)  # map_batch_rows 4: 10 rows -> blocks of 4, 4, 2
+    cfg = make_cfg(root)  # map_batch_rows 4: no longer splits a training task's output
     for stream, part in (("unlabeled", "unlabeled"), ("mix", "unlabeled"), ("labeled", "labeled")):
         plan = {"path": np.array(fmt.list_shards(root, part)), "row_group": np.array([0])}
-        blocks = list(pipeline.read_and_augment(plan, stream, cfg.data))
-        assert [tuple(b) for b in blocks] == [pipeline.STREAM_COLUMNS[stream]] * 3
-        first = pipeline.STREAM_COLUMNS[stream][0]
-        assert [len(b[first]) for b in blocks] == [4, 4, 2]
+        out = pipeline.read_and_augment(plan, stream, cfg.data)
+        assert tuple(out) == pipeline.STREAM_COLUMNS[stream]
+        assert {len(column) for column in out.values()} == {10}
         if stream != "labeled":  # the weak view's grey level is the row's value (1..10)
-            weak = np.concatenate([b[first] for b in blocks])
+            weak = out[pipeline.STREAM_COLUMNS[stream][0]]
             levels = sorted(int(np.median(view[view > 0])) for view in weak)
-            assert len(levels) == 10
             assert all(abs(a - b) <= 2 for a, b in zip(levels, range(1, 11), strict=True))
+
+
+@pytest.mark.ray
+def test_training_stream_blocks_have_one_chunk(ray_instance, tmp_path):
+    """Each block a training stream delivers holds one row group with every column in one
+    chunk: a consumer slicing batches out of it needs no concatenating copy."""
+    import ray
+
+    root = make_shards(tmp_path, n_unlabeled=12, shard_rows=6)
+    cfg = make_cfg(root)
+    info = fmt.read_dataset_info(root)
+    ds = pipeline.train_stream(cfg, "unlabeled", info, rows_needed=12)
+    blocks = [
+        ray.get(ref) for bundle in ds.iter_internal_ref_bundles() for ref in bundle.block_refs
+    ]
+    assert sorted(block.num_rows for block in blocks) == [6, 6]
+    assert all(column.num_chunks == 1 for block in blocks for column in block.columns)
 
 
 def test_to_device_normalizes_and_casts(tmp_path):
