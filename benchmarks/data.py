@@ -275,8 +275,7 @@ def task_cost(root: str, cfg: DataConfig, rows: int) -> float:
     start, count = time.process_time(), 0
     for item in plan:
         batch = {k: np.array([item[k]]) for k in ("path", "row_group")}
-        for out in pipeline.read_and_augment(batch, "unlabeled", cfg):
-            count += len(out["image_u_w"])
+        count += len(pipeline.read_and_augment(batch, "unlabeled", cfg)["image_u_w"])
     return (time.process_time() - start) / count
 
 
