@@ -10,10 +10,10 @@ the DSSN / UniMatch dataset code: one PIL round trip per op, torchvision transfo
 images; "+ normalize" adds its ToTensor/Normalize of the three views (ours normalizes on the
 training device instead, see pipeline.to_device).
 
-The Ray Data part ends with where the CPU goes, process by process: Ray's worker processes, the
-same task function (``pipeline.read_and_augment``) run in this process without Ray, the driver
-that consumes the batches, and GCS / raylet / agents; against the CPU a sample may cost to meet
-the target (80% of the per-core rate).
+The Ray Data part ends with where the CPU goes, process by process: Ray's task worker processes,
+the same task function (``pipeline.read_and_augment``) run in this process without Ray, Ray's
+own actors and agents, the driver that consumes the batches, and GCS / raylet; against the CPU a
+sample may cost to meet the target (80% of the per-core rate).
 """
 
 from __future__ import annotations
