@@ -200,6 +200,7 @@ class ClusterCPU:
         import threading
 
         self.interval, self.seen, self.baseline, self.own_cpu = interval, {}, {}, 0.0
+        self.kinds: dict[tuple, str] = {}  # a process's kind as first seen
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -217,12 +218,16 @@ class ClusterCPU:
                 if proc.pid == me.pid:
                     kind = "driver"
                 elif proc.name().startswith(("ray::_", "ray::DashboardAgent", "ray::RuntimeEnv")):
-                    kind = "service"  # a process keeps its name: this never changes per pid
+                    kind = "service"
                 elif proc.name().startswith("ray::"):  # task workers (IDLE / MapBatches(…))
                     kind = "worker"
                 else:
                     kind = "daemon"
-                self.seen[(proc.pid, proc.create_time(), kind)] = t.user + t.system
+                key = (proc.pid, proc.create_time())
+                # the kind it had when first seen: a pooled worker that later hosts an actor
+                # is not counted twice
+                self.kinds.setdefault(key, kind)
+                self.seen[key] = t.user + t.system
             except psutil.Error:
                 pass
 
@@ -248,7 +253,7 @@ class ClusterCPU:
         total = sum(
             v - self.baseline.get(k, 0.0)
             for k, v in self.seen.items()
-            if kind is None or k[2] == kind
+            if kind is None or self.kinds[k] == kind
         )
         return total - self.own_cpu if kind in (None, "driver") else total
 

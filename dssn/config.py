@@ -115,9 +115,8 @@ class DataConfig:
     posterize_bits: list[int] = field(default_factory=lambda: [4, 8])
     solarize_range: list[int] = field(default_factory=lambda: [1, 256])
     hue_shift_max: float = 0.5  # random op "hue": shift by +-U[0, this] of the colour circle
-    map_batch_rows: int = (
-        16  # rows per decode batch of the val dataset (a training task: a row group)
-    )
+    # rows per decode batch of build_datasets' "val" (a training stream's task: one row group)
+    map_batch_rows: int = 16
 
 
 @dataclass
