@@ -9,9 +9,8 @@ of 1.5-2.7 ms, the upscaling crop window ~0.54 ms instead of 1.3 ms (README, "Da
 They compute what the whole-image code computed: hue, saturation and blur to ~1e-5 of a grey
 level (the last bit, where torch or the compiler fuses a multiply-add the other does not), the
 crop window within one grey level (where torch's vectorised lerp rounds the other way);
-``_lerp`` is torch.lerp's formula. Compiled on
-first use (~2 s for all) and cached on disk (``cache=True``: next to this file, or under
-``NUMBA_CACHE_DIR``). A fresh process, a Ray worker included, loads them from there: 0.6-0.9 s
+``_lerp`` is torch.lerp's formula. Compiled on first use (~2 s for all) and cached on disk
+(``cache=True``: next to this file, or under ``NUMBA_CACHE_DIR``). A fresh process, a Ray worker included, loads them from there: 0.6-0.9 s
 for the first one (numba starting LLVM), milliseconds for the rest.
 ``error_model="numpy"`` drops numba's division-by-zero check (a branch that keeps LLVM from
 vectorising the hue loop, 2-3x slower; the divisor there is floored above zero anyway).
