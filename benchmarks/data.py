@@ -352,8 +352,9 @@ def ray_rate(
     pass, with separate read tasks. The first (cold) pass of each starts Ray's workers; of the
     ``passes`` warm passes after it, the one that cost the cluster the least CPU is kept (on a
     shared machine Ray sometimes restarts workers mid-pass: their start-up, ~3 CPU-s of imports
-    each, is reported in the "new processes" column). A pass in which a process exited may
-    have lost that process's last second of CPU, so it is kept only if every pass had one.
+    each, is reported in the "processes started / exited" column). A pass in which a process
+    exited may have lost that process's last second of CPU, so it is kept only if every pass
+    had one.
 
     Between passes the in-process per-core rate is measured again (this machine's speed drifts
     by tens of percent over minutes); the target uses its median over the run. Also the
@@ -488,7 +489,7 @@ def main() -> None:
         print("(GCS, raylet, agents, actors, idle workers); pipeline-only: CPUs / (CPU per sample")
         print("less that background), against the same target.\n")
         print("| CPUs | tasks | wall samples/s | CPU ms/sample (workers) | CPU-based samples/s | "
-              "per-core in-process (median) | target: 80% x per-core x CPUs | new processes | "
+              "per-core in-process (median) | target: 80% x per-core x CPUs | processes started / exited | "
               "cold pass s | per-core in a Ray task | idle cluster CPUs | "
               "pipeline-only samples/s |")  # fmt: skip
         print("|-----:|:------|---------------:|------------------------:|--------------------:|"
@@ -505,12 +506,13 @@ def main() -> None:
                 verdict = "met" if projected >= target else "missed"
                 pipeline_only = cpus / v["pipeline_cpu_per_sample"]
                 verdict_pipe = "met" if pipeline_only >= target else "missed"
+                churn = f"{v['new_processes']} / {v['exited_processes']}"
                 cpu_ms = (
                     f"{1000 * v['cpu_per_sample']:.1f} ({1000 * v['worker_cpu_per_sample']:.1f})"
                 )
                 print(f"| {cpus:4d} | {name:5s} | {v['wall_rate']:14.1f} | {cpu_ms:>23s} | "
                       f"{projected:19.1f} | {per_core:28.1f} | "
-                      f"{target:21.1f} ({verdict:6s}) | {v['new_processes']:13d} | "
+                      f"{target:21.1f} ({verdict:6s}) | {churn:>26s} | "
                       f"{v['cold_s']:11.1f} | {r['in_worker_rate']:22.1f} | "
                       f"{r['background_cpus']:17.2f} | {pipeline_only:14.1f} ({verdict_pipe:6s}) |")  # fmt: skip
         print_breakdown(by_cpus)
