@@ -1,4 +1,4 @@
-"""Ray Data's idle scheduling loop is paced (dssn.data.pacing), in the driver and in workers."""
+"""Ray Data's scheduling loop fixes (dssn.data.pacing), in the driver and in workers."""
 
 from __future__ import annotations
 
@@ -116,3 +116,83 @@ def test_a_stream_reserved_nothing_still_gets_the_clusters_cpus(monkeypatch, mod
     assert budget.cpu == 2.0 and budget.gpu == 0.0
     assert pacing.floor_cpu_budgets() == 2  # idempotent: not wrapped twice
     assert autoscaler.get_total_resources().cpu == 2.0
+
+
+@pytest.fixture
+def fresh_wait():
+    """responsive_wait with nothing shown yet in this thread."""
+    pacing._shown.positions = set()
+    yield pacing.responsive_wait
+    pacing._shown.positions = set()
+
+
+@pytest.mark.ray
+def test_wait_returns_with_the_first_finished_task_not_at_the_timeout(ray_instance, fresh_wait):
+    """Ray Data waits for all its tasks (num_returns=all) with a timeout; the first task with
+    output must wake it. Output it was shown and left unread must not wake it again."""
+    ray = ray_instance
+
+    @ray.remote(num_cpus=0)
+    def sleep(seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+    fast, slow = sleep.remote(0.05), sleep.remote(60.0)
+    start = time.perf_counter()
+    ready, rest = fresh_wait([fast, slow], num_returns=2, timeout=20.0, fetch_local=False)
+    assert (ready, rest) == ([fast], [slow])
+    assert time.perf_counter() - start < 10.0  # plain ray.wait: the whole 20 s
+    start = time.perf_counter()
+    ready, rest = fresh_wait([fast, slow], num_returns=2, timeout=0.5, fetch_local=False)
+    assert (ready, rest) == ([fast], [slow])
+    assert time.perf_counter() - start >= 0.45  # not woken again by `fast`: no spinning
+    ray.cancel(slow, force=True)
+
+
+@pytest.mark.ray
+def test_wait_follows_a_streaming_generator_past_the_output_it_read(ray_instance, fresh_wait):
+    """Ray Data's tasks are streaming generators: once the loop reads an output, the next one
+    (or the end of the stream) wakes it again."""
+    ray = ray_instance
+
+    @ray.remote(num_cpus=0, num_returns="streaming")
+    def blocks():
+        yield 1
+        time.sleep(0.3)
+        yield 2
+
+    @ray.remote(num_cpus=0)
+    def sleep(seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+    gen, slow = blocks.remote(), sleep.remote(60.0)
+    ready, _ = fresh_wait([gen, slow], num_returns=2, timeout=20.0, fetch_local=False)
+    assert ready == [gen]
+    assert ray.get(next(gen)) == 1
+    start = time.perf_counter()
+    ready, _ = fresh_wait([gen, slow], num_returns=2, timeout=20.0, fetch_local=False)
+    assert ready == [gen] and time.perf_counter() - start < 10.0
+    assert ray.get(next(gen)) == 2
+    ray.cancel(slow, force=True)
+
+
+def test_block_metadata_is_fetched_inline_unless_the_environment_says(monkeypatch):
+    from ray.data._internal.execution import metadata_fetcher as mf
+
+    monkeypatch.delenv(pacing.PREFETCH_ENV, raising=False)
+    monkeypatch.setattr(mf, "_PREFETCH_ON_THREAD", True)
+    assert pacing.fetch_metadata_inline()
+    assert isinstance(mf.make_metadata_fetcher(), mf.InlineMetadataFetcher)
+    monkeypatch.setenv(pacing.PREFETCH_ENV, "1")
+    monkeypatch.setattr(mf, "_PREFETCH_ON_THREAD", True)
+    assert pacing.fetch_metadata_inline()
+    assert isinstance(mf.make_metadata_fetcher(), mf.ThreadedMetadataFetcher)
+
+
+def test_the_loops_ray_wait_is_the_responsive_one():
+    from ray.data._internal.execution import streaming_executor_state as state
+
+    assert pacing.wake_on_first_output() and pacing.wake_on_first_output()
+    assert state.ray.wait is pacing.responsive_wait
+    assert state.ray.ObjectRef is __import__("ray").ObjectRef  # the rest is Ray's own

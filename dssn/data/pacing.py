@@ -1,4 +1,4 @@
-"""Two fixes to Ray Data 2.60's streaming executor, installed in every Ray process of a job.
+"""Four fixes to Ray Data 2.60's streaming executor, installed in every Ray process of a job.
 
 1. Paced while it has nothing to wait for.
 
@@ -24,12 +24,34 @@ task ... may hang forever"). :func:`install` floors each execution's CPU/GPU bud
 cluster has (the pre-coordinator behaviour); Ray Core's scheduler then queues the tasks of
 concurrent streams, as it does for any tasks. Memory budgets stay the coordinator's.
 
-Every Ray process gets both through the job's ``worker_process_setup_hook``
+3. Woken by the first task that finishes. The loop waits for its tasks with ``ray.wait(all of
+them, num_returns=all of them, timeout=0.1 s)``: with two or more tasks in flight it returns
+only when *every* task has output or the 0.1 s have passed, so a task that finishes waits up to
+0.1 s before the loop takes its block, frees its CPU and submits the next task. (With one task in
+flight there is no delay, which is why one CPU did not show it.) :func:`responsive_wait` returns
+as soon as one task has output that the loop has not been shown yet; output it has been shown
+and left unread (its consumer is full) does not wake it again, so a held-back pipeline sleeps as
+before instead of spinning.
+
+4. Block metadata fetched inline. Ray 2.60 hands each finished block's metadata to a background
+thread (``RAY_DATA_METADATA_PREFETCH_ON_THREAD``, default on) whose results the loop emits, and
+whose task it marks done, only at its *next* step: another wait of up to 0.1 s. Inline, the loop
+``ray.get``s the metadata (a few hundred bytes, local on one node) and releases the task at
+once. An explicit ``RAY_DATA_METADATA_PREFETCH_ON_THREAD`` in the environment is respected.
+
+Measured on this 2-core machine, 2 CPUs, 1,536 rows of 32-row tasks (~0.19 s each): the two
+augmenting workers sat idle between tasks for 0.1-0.8 s (the CPUs 40% idle) and the stream gave
+165-175 samples/s; with 3 and 4, 270-280 samples/s, the CPUs 10% idle. Any node running
+several read/augment tasks at once (a GPU node feeding its trainer) loses the same share.
+
+Every Ray process gets all four through the job's ``worker_process_setup_hook``
 (:func:`runtime_env`), the driver by calling :func:`install` directly.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from typing import Any
 
@@ -37,6 +59,7 @@ IDLE_SLEEP_S = 0.02
 CLUSTER_POLL_S = 5.0  # how long this process reuses ray.cluster_resources()
 SETUP_HOOK = "dssn.data.pacing.install"  # worker_process_setup_hook: a module path Ray imports
 _MARK = "_dssn_paced"
+PREFETCH_ENV = "RAY_DATA_METADATA_PREFETCH_ON_THREAD"
 
 
 def install() -> bool:
@@ -44,6 +67,8 @@ def install() -> bool:
     False when this Ray has no such loop (another version's internals): then nothing is
     changed."""
     floor_cpu_budgets()
+    wake_on_first_output()
+    fetch_metadata_inline()
     try:
         from ray.data._internal.execution.streaming_executor import StreamingExecutor
     except ImportError:
@@ -113,15 +138,104 @@ def floor_cpu_budgets() -> int:
 
 
 def installed() -> bool:
-    """Whether this process has both fixes: the scheduling loop paced, the budgets floored."""
+    """Whether this process has the four fixes: the scheduling loop paced, the budgets floored,
+    the loop woken by the first task with output, block metadata fetched inline."""
     from ray.data._internal.cluster_autoscaler.rate_based_cluster_autoscaler import (
         RateBasedClusterAutoscaler,
     )
+    from ray.data._internal.execution import metadata_fetcher, streaming_executor_state
     from ray.data._internal.execution.streaming_executor import StreamingExecutor
 
-    return getattr(StreamingExecutor._scheduling_loop_step, _MARK, False) and getattr(
-        RateBasedClusterAutoscaler.get_total_resources, _MARK, False
+    return (
+        getattr(StreamingExecutor._scheduling_loop_step, _MARK, False)
+        and getattr(RateBasedClusterAutoscaler.get_total_resources, _MARK, False)
+        and isinstance(streaming_executor_state.ray, _RayWithResponsiveWait)
+        and (PREFETCH_ENV in os.environ or not metadata_fetcher._PREFETCH_ON_THREAD)
     )
+
+
+_shown = threading.local()  # per scheduling loop (thread): outputs its last wait returned
+
+
+def _position(waitable: Any) -> bytes:
+    """What a wait is waiting for: an ObjectRef itself; for a streaming generator, the ref of its
+    next output (it changes once the loop reads that output)."""
+    import ray
+
+    if isinstance(waitable, ray.ObjectRef):
+        return waitable.binary()
+    try:
+        core_worker = waitable.worker.core_worker
+        ref, _ = core_worker.peek_object_ref_stream(waitable._generator_ref)
+        return ref.binary()
+    except Exception:  # another version's internals: treat it as always new
+        return b"%d" % id(waitable)
+
+
+def responsive_wait(
+    waitables: list, *, num_returns: int = 1, timeout: float | None = None, fetch_local=True
+) -> tuple[list, list]:
+    """``ray.wait`` for Ray Data's scheduling loop (fix 3 above): a call for all of
+    ``waitables`` with a timeout returns as soon as one of them has output its previous call did
+    not return (or at the timeout), with every one ready at that moment. Other calls are plain
+    ``ray.wait``."""
+    import ray
+
+    if num_returns < len(waitables) or not timeout:
+        return ray.wait(
+            waitables, num_returns=num_returns, timeout=timeout, fetch_local=fetch_local
+        )
+    positions = {w: _position(w) for w in waitables}
+    shown = getattr(_shown, "positions", set())
+    new = [w for w in waitables if positions[w] not in shown]
+    if new:
+        ray.wait(new, num_returns=1, timeout=timeout, fetch_local=fetch_local)
+        ready, rest = ray.wait(
+            waitables, num_returns=len(waitables), timeout=0, fetch_local=fetch_local
+        )
+    else:  # every one was shown and left unread: as Ray would (no spinning on them)
+        ready, rest = ray.wait(
+            waitables, num_returns=num_returns, timeout=timeout, fetch_local=fetch_local
+        )
+    _shown.positions = {positions[w] for w in ready}
+    return ready, rest
+
+
+class _RayWithResponsiveWait:
+    """The ``ray`` module as the scheduling loop's module sees it, with :func:`responsive_wait`
+    as its ``wait``."""
+
+    wait = staticmethod(responsive_wait)
+
+    def __getattr__(self, name: str) -> Any:
+        import ray
+
+        return getattr(ray, name)
+
+
+def wake_on_first_output() -> bool:
+    """Fix 3 in this process (idempotent). False when this Ray has no such module."""
+    try:
+        from ray.data._internal.execution import streaming_executor_state as state
+    except ImportError:
+        return False
+    if not isinstance(state.ray, _RayWithResponsiveWait):
+        state.ray = _RayWithResponsiveWait()
+    return True
+
+
+def fetch_metadata_inline() -> bool:
+    """Fix 4 in this process, unless ``RAY_DATA_METADATA_PREFETCH_ON_THREAD`` is set. False when
+    this Ray has no such switch."""
+    try:
+        from ray.data._internal.execution import metadata_fetcher
+    except ImportError:
+        return False
+    if not hasattr(metadata_fetcher, "_PREFETCH_ON_THREAD"):
+        return False
+    if PREFETCH_ENV not in os.environ:
+        metadata_fetcher._PREFETCH_ON_THREAD = False
+    return True
 
 
 def runtime_env(env: dict[str, Any] | None = None) -> dict[str, Any]:
