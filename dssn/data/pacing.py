@@ -40,8 +40,8 @@ whose task it marks done, only at its *next* step: another wait of up to 0.1 s. 
 once. An explicit ``RAY_DATA_METADATA_PREFETCH_ON_THREAD`` in the environment is respected.
 
 Measured on this 2-core machine, 2 CPUs, 1,536 rows of 32-row tasks (~0.19 s each): the two
-augmenting workers sat idle between tasks for 0.1-0.8 s (the CPUs 40% idle) and the stream gave
-165-175 samples/s; with 3 and 4, 270-280 samples/s, the CPUs 10% idle. Any node running
+augmenting workers sat idle between tasks for 0.1-0.8 s (the CPUs ~40% idle) and the stream gave
+158-181 samples/s; with 3 and 4, 263-278 samples/s, the CPUs 9-10% idle. Any node running
 several read/augment tasks at once (a GPU node feeding its trainer) loses the same share.
 
 Every Ray process gets all four through the job's ``worker_process_setup_hook``
