@@ -170,8 +170,8 @@ def _position(waitable: Any) -> bytes:
         core_worker = waitable.worker.core_worker
         ref, _ = core_worker.peek_object_ref_stream(waitable._generator_ref)
         return ref.binary()
-    except Exception:  # another version's internals: treat it as always new
-        return b"%d" % id(waitable)
+    except Exception:  # another version's internals: keyed by the generator itself, so once
+        return b"%d" % id(waitable)  # shown it waits as plain ray.wait would (no spinning)
 
 
 def responsive_wait(
