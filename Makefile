@@ -37,6 +37,7 @@ bench: install
 	$(BIN)/python benchmarks/step.py
 	$(BIN)/python benchmarks/data.py
 	$(BIN)/python benchmarks/scaling.py
+	$(BIN)/python benchmarks/ddp_cpu.py
 	$(BIN)/python benchmarks/search.py
 
 clean:

@@ -5,7 +5,8 @@ each), and the fraction of the step time spent waiting for data.
                                            [--epochs 2] [--iters 20] [key=value ...]
 
 Each worker count is one short ``fit`` run (a fresh run name under a temporary storage
-directory); the figures are those of its last epoch (the first one warms up). Targets
+directory) in a local Ray started for it as ``dssn train`` starts one; the figures are those of
+its last epoch (the first one warms up). Targets
 (issue 4): 2 workers >= 1.7x the images/s of one; data wait < 5% of step time.
 Images/s counts every training image of a step (labeled + unlabeled + CutMix partner rows),
 summed over workers.
@@ -14,7 +15,6 @@ summed over workers.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import tempfile
 import time
@@ -29,7 +29,9 @@ def measure(
     config: str, workers: int, epochs: int, iters: int, overrides: list[str], storage: str
 ) -> dict[str, float]:
     """One run with ``workers`` workers; the last epoch's throughput figures."""
-    from dssn.train.launcher import fit
+    import ray
+
+    from dssn.train.launcher import ensure_ray, fit
 
     cfg = load_config(
         config,
@@ -46,8 +48,14 @@ def measure(
             "dssn.burn_in_epochs=0",  # the DSSN step's throughput, not the burn-in's
         ],
     )
-    start = time.perf_counter()
-    metrics = fit(cfg).metrics
+    # a local Ray of its own, as `dssn train --workers N` starts it (launcher.local_cpus)
+    started = ensure_ray(cfg)
+    try:
+        start = time.perf_counter()
+        metrics = fit(cfg).metrics
+    finally:
+        if started:
+            ray.shutdown()
     return {
         "workers": workers,
         "images_per_s": metrics["images_per_s"],
@@ -87,24 +95,13 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
 
-    import ray
-
-    from dssn.train.launcher import MIN_FREE_DATA_CPUS, start_local_ray
-
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     cores = os.cpu_count() or 1
-    # one Ray for every run, with logical CPUs for the most workers plus Ray Data
-    cfg = load_config(args.config, args.overrides)
-    most = max(args.workers) * cfg.train.cpus_per_worker + MIN_FREE_DATA_CPUS
-    if not ray.is_initialized():
-        start_local_ray(max(cores, math.ceil(most)))
     with tempfile.TemporaryDirectory(prefix="dssn-scaling-") as storage:
         rows = [
             measure(args.config, n, args.epochs, args.iters, args.overrides, storage)
             for n in args.workers
         ]
-    if ray.is_initialized():
-        ray.shutdown()
     print(f"\nCPU data-parallel scaling ({cores} cores, 1 torch thread per worker, "
           f"{args.iters} iterations/epoch, last of {args.epochs} epochs)")  # fmt: skip
     print(table(rows))

@@ -101,7 +101,10 @@ class DataConfig:
     eval_mode: str = "original"  # original | center_crop | sliding_window
     eval_crop: int | None = None  # defaults to crop_size
     eval_stride: float = 2 / 3  # sliding window: stride = int(window * this) (reference 2/3)
-    shuffle_buffer: int = 64  # local shuffle buffer (rows) per worker
+    # local shuffle buffer (rows) per worker and stream, across the row groups of a stream;
+    # each epoch's first batch waits until 1.5x this + a batch have arrived (Ray's
+    # ShufflingBatcher): at 64, 4 row groups of every stream on every worker
+    shuffle_buffer: int = 16
     seed: int = 0
     # augmentation (METHOD.md "Augmentations"); reference values
     hflip_p: float = 0.5

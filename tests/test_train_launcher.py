@@ -43,3 +43,18 @@ def test_cli_flags_become_overrides_after_positional_ones():
     assert train_overrides(args) == [
         "train.epochs=3", "train.workers=2", "train.cpus_per_worker=0.5", "train.storage=/tmp/r",
     ]  # fmt: skip
+
+
+def test_local_ray_gives_ray_data_every_core_beside_the_workers(monkeypatch):
+    """Ray Data's logical CPUs cap its concurrent tasks: one per core on top of the train
+    workers' CPUs, so when the workers wait (an epoch's first batches) every core augments."""
+    from dssn.train import launcher
+
+    monkeypatch.setattr(launcher.os, "cpu_count", lambda: 2)
+    cfg = Config()
+    cfg.train.workers, cfg.train.cpus_per_worker = 2, 1
+    assert launcher.local_cpus(cfg) == 4  # the rule before 2026-12-07 gave 3: one task at once
+    cfg.train.workers, cfg.train.cpus_per_worker = 1, 0.5
+    assert launcher.local_cpus(cfg) == 3
+    monkeypatch.setattr(launcher.os, "cpu_count", lambda: None)  # unknown: still room for data
+    assert launcher.local_cpus(cfg) - launcher.train_cpus(cfg) >= launcher.MIN_FREE_DATA_CPUS

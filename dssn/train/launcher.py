@@ -87,12 +87,25 @@ def train_cpus(cfg: Config) -> float:
     return cfg.train.workers * cfg.train.cpus_per_worker
 
 
-def ensure_ray(cfg: Config) -> bool:
-    """Connect to Ray: the running one, ``RAY_ADDRESS``'s cluster, or a new local instance.
+def local_cpus(cfg: Config) -> int:
+    """Logical CPUs of a local Ray instance for ``cfg``: the train workers' plus one per core
+    (at least ``MIN_FREE_DATA_CPUS``) for Ray Data.
 
-    A local instance gets enough logical CPUs for the train workers plus
-    ``MIN_FREE_DATA_CPUS`` for Ray Data (logical CPUs may exceed the cores). Returns True when
-    this call started Ray (the caller then shuts it down).
+    Ray Data's logical CPUs cap how many read / augment tasks run at once; they reserve
+    nothing. Whenever the train workers wait (each epoch's first batches, evaluation) every
+    core can augment; while they train, Ray Data's backpressure keeps the tasks to what
+    training consumes. Counting only the CPUs the workers leave (the rule until 2026-12-07)
+    ran one task at a time on a 2-core machine with two workers, even while both waited for
+    their epoch's first batches (README "Scaling").
+    """
+    cores = os.cpu_count() or 1
+    return math.ceil(train_cpus(cfg)) + max(cores, MIN_FREE_DATA_CPUS)
+
+
+def ensure_ray(cfg: Config) -> bool:
+    """Connect to Ray: the running one, ``RAY_ADDRESS``'s cluster, or a new local instance
+    with :func:`local_cpus` logical CPUs (they may exceed the cores). Returns True when this
+    call started Ray (the caller then shuts it down).
     """
     import ray
 
@@ -101,8 +114,7 @@ def ensure_ray(cfg: Config) -> bool:
     if os.environ.get("RAY_ADDRESS"):
         init_ray()  # joins the cluster named by RAY_ADDRESS
         return True
-    cores = os.cpu_count() or 1
-    start_local_ray(max(cores, math.ceil(train_cpus(cfg) + MIN_FREE_DATA_CPUS)))
+    start_local_ray(local_cpus(cfg))
     return True
 
 

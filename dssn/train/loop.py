@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import ray.train
@@ -62,11 +63,14 @@ def train_one_epoch(
     device: torch.device,
     rank: int,
     world_size: int,
+    batches: Iterator[dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, float]:
-    """One epoch of DSSN steps on this worker; returns the epoch's metrics (all workers)."""
+    """One epoch of DSSN steps on this worker; returns the epoch's metrics (all workers).
+    ``batches``: raw batches to train on instead of the Ray Data streams
+    (:func:`iter_train_batches`), e.g. in-memory ones (``benchmarks/ddp_cpu.py``)."""
     meter = MetricMeter(device)
     per_epoch = total_iters // cfg.train.epochs
-    batches = iter(iter_train_batches(cfg, epoch))
+    batches = iter(iter_train_batches(cfg, epoch) if batches is None else batches)
     start = last_log = time.perf_counter()
     data_wait = window_wait = first_wait = 0.0
     i = 0
