@@ -100,6 +100,26 @@ def test_epoch_trains_logs_and_decays(run_epoch, capsys):
     assert "epoch 1/2 step 2/3 (iter 2)" in log and "mask_ratio" in log and "img/s" in log
 
 
+def test_epoch_trains_on_given_batches_without_the_streams(monkeypatch):
+    """``batches`` (in-memory ones, as benchmarks/ddp_cpu.py passes) replaces the Ray Data
+    streams: they are not opened, and the epoch takes as many steps as it is given."""
+
+    def no_streams(cfg, epoch):
+        raise AssertionError("the Ray Data streams were opened")
+
+    monkeypatch.setattr(loop, "iter_train_batches", no_streams)
+    monkeypatch.setattr(loop, "to_device", to_device)
+    cfg = tiny_cfg()
+    nets = build_networks(cfg, torch.device("cpu"), world_size=1)
+    state = TrainState()
+    out = loop.train_one_epoch(
+        cfg, nets, state, 0, 6, FaultInjector(cfg, 0, 1), torch.device("cpu"), 0, 1,
+        batches=list(fake_batches(cfg, 0))[:2],
+    )  # fmt: skip
+    assert out["steps"] == state.iteration == nets.ema.updates == 2
+    assert out["images_per_s"] > 0 and out["loss"] == out["loss"]
+
+
 def test_burn_in_epochs_train_on_labeled_batches_then_dssn(run_epoch):
     cfg = tiny_cfg()
     cfg.dssn.burn_in_epochs = 1
