@@ -118,8 +118,12 @@ class DataConfig:
     posterize_bits: list[int] = field(default_factory=lambda: [4, 8])
     solarize_range: list[int] = field(default_factory=lambda: [1, 256])
     hue_shift_max: float = 0.5  # random op "hue": shift by +-U[0, this] of the colour circle
-    # rows per decode batch of build_datasets' "val" (a training stream's task: one row group)
+    # rows per decode batch of build_datasets' "val" (a training stream's task: see below)
     map_batch_rows: int = 16
+    # row groups (32 rows each) one read / augment task of a training stream takes: Ray's cost
+    # per task (~25 ms of CPU across its processes here) is most of a small image's; 2 cut the
+    # digits' CPU a row by ~21% (README "Scaling"); 1 starts a small part on more CPUs at once
+    row_groups_per_task: int = 1
 
 
 @dataclass
@@ -303,6 +307,7 @@ def validate(cfg: Config, where: str = "config") -> Config:
     checks = [
         ("data.crop_size", cfg.data.crop_size > 0, "must be positive"),
         ("data.batch_size", cfg.data.batch_size > 0, "must be positive"),
+        ("data.row_groups_per_task", cfg.data.row_groups_per_task > 0, "must be positive"),
         ("data.scale_range", len(cfg.data.scale_range) == 2, "needs [low, high]"),
         ("data.cutmix_area", len(cfg.data.cutmix_area) == 2, "needs [low, high]"),
         ("dssn.ema", 0.0 <= cfg.dssn.ema < 1.0, "must be in [0, 1)"),

@@ -173,6 +173,13 @@ def test_training_stream_blocks_have_one_chunk(ray_instance, tmp_path):
     ]
     assert sorted(block.num_rows for block in blocks) == [6, 6]
     assert all(column.num_chunks == 1 for block in blocks for column in block.columns)
+    cfg.data.row_groups_per_task = 2  # both row groups in one task, still one chunk a column
+    ds = pipeline.train_stream(cfg, "unlabeled", info, rows_needed=12)
+    blocks = [
+        ray.get(ref) for bundle in ds.iter_internal_ref_bundles() for ref in bundle.block_refs
+    ]
+    assert [block.num_rows for block in blocks] == [12]
+    assert all(column.num_chunks == 1 for block in blocks for column in block.columns)
 
 
 def test_to_device_normalizes_and_casts(tmp_path):

@@ -27,8 +27,9 @@ Design (why it looks like this):
   random order of samples; each epoch the row-group reads come in a new random order
   (``randomize_block_order``), each read permutes its rows (so repeated copies of the labeled
   set come in different orders), and ``iter_torch_batches`` keeps a local shuffle buffer.
-- One task per row group reads it and augments it (:func:`read_and_augment`), so even a small
-  part spreads over all free CPUs and no encoded bytes pass through the object store.
+- One task per row group (``data.row_groups_per_task``: 1, or 2 for small images) reads and
+  augments it (:func:`read_and_augment`), so even a small part spreads over all free CPUs and
+  no encoded bytes pass through the object store.
 - Augmentation draws come from fresh entropy per batch: Ray Data's execution order is not
   deterministic, so per-sample seeds would not make a run repeatable anyway. The augmentation
   functions themselves (``dssn.data.augment``) are seeded and reproducible.
@@ -176,9 +177,9 @@ def read_row_groups(batch: dict[str, np.ndarray]):
 
 
 def read_and_augment(batch: dict[str, np.ndarray], stream: str, cfg: Any) -> dict[str, np.ndarray]:
-    """One task per planned row group: read it (:func:`read_row_groups`), then decode and
-    augment it for ``stream`` into one output batch, so the task's output is one block whose
-    columns are single arrays. (Yielding it in slices gave no earlier start: Ray Data joins a
+    """One task per planned row group (``data.row_groups_per_task`` of them): read them
+    (:func:`read_row_groups`), then decode and augment them for ``stream`` into one output
+    batch, so the task's output is one block whose columns are single arrays. (Yielding it in slices gave no earlier start: Ray Data joins a
     task's outputs into one block up to ``target_max_block_size``, 128 MiB, so the block held
     one chunk per slice, and a consumer slicing batches out of it had to concatenate the
     chunks, a copy of every view in the consuming process.)"""
@@ -274,13 +275,15 @@ def train_stream(cfg: Any, stream: str, info: dict, rows_needed: int):
     plan = shard_plan(cfg.data.root, part, int(info["counts"][part]), rows_needed)
     # one block per row group, in a new random order every epoch (every execution)
     ds = ray.data.from_items(plan, override_num_blocks=len(plan)).randomize_block_order()
-    # One task reads a row group and augments it: no separate read task, no object-store round
-    # trip of the encoded bytes, a third of the tasks (each costs the driver, raylet and GCS).
-    # batch_size=1 plan item per task, so even a small part spreads over all free CPUs.
+    # One task reads its row groups and augments them: no separate read task, no object-store
+    # round trip of the encoded bytes, a third of the tasks (each costs the driver, raylet and
+    # GCS). data.row_groups_per_task plan items per task (Ray Data bundles that many of the
+    # shuffled one-item blocks, so the groups of a task change every epoch); 1 spreads even a
+    # small part over all free CPUs, 2 halves the tasks' cost for small images.
     return ds.map_batches(
         read_and_augment,
         fn_kwargs={"stream": stream, "cfg": cfg.data},
-        batch_size=1,
+        batch_size=cfg.data.row_groups_per_task,
         batch_format="numpy",
         num_cpus=1,
     )
