@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import queue
 import statistics
 import tempfile
 import time
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 STREAM_ROWS = 64  # rows cached per stream; steps cycle through them
+POLL_S = 1.0  # how often the parent checks that every worker process still lives
 
 
 def cached_batches(cfg) -> list[dict[str, torch.Tensor]]:
@@ -112,11 +114,17 @@ def measure(world: int, args: argparse.Namespace) -> float:
         ]
         for p in procs:
             p.start()
-        results = [out.get() for _ in procs]
+        results = []
+        while len(results) < world:  # a worker that dies must not leave us waiting forever
+            try:
+                results.append(out.get(timeout=POLL_S))
+            except queue.Empty:
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    for p in procs:
+                        p.terminate()
+                    raise RuntimeError(f"a worker of the {world}-process run failed") from None
         for p in procs:
             p.join()
-        if any(p.exitcode for p in procs):
-            raise RuntimeError(f"a worker of the {world}-process run failed")
     return max(statistics.median(steps) for _, steps in results)
 
 

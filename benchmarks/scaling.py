@@ -6,8 +6,8 @@ each), and the fraction of the step time spent waiting for data.
 
 Each worker count is one short ``fit`` run (a fresh run name under a temporary storage
 directory) in a local Ray started for it as ``dssn train`` starts one; the figures are those of
-its last epoch (the first one warms up). Targets
-(issue 4): 2 workers >= 1.7x the images/s of one; data wait < 5% of step time.
+its last epoch (the first one warms up). Targets (issue 4): 2 workers >= 1.7x the images/s of
+one; data wait < 5% of step time.
 Images/s counts every training image of a step (labeled + unlabeled + CutMix partner rows),
 summed over workers.
 """

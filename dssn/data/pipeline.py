@@ -179,10 +179,11 @@ def read_row_groups(batch: dict[str, np.ndarray]):
 def read_and_augment(batch: dict[str, np.ndarray], stream: str, cfg: Any) -> dict[str, np.ndarray]:
     """One task per planned row group (``data.row_groups_per_task`` of them): read them
     (:func:`read_row_groups`), then decode and augment them for ``stream`` into one output
-    batch, so the task's output is one block whose columns are single arrays. (Yielding it in slices gave no earlier start: Ray Data joins a
-    task's outputs into one block up to ``target_max_block_size``, 128 MiB, so the block held
-    one chunk per slice, and a consumer slicing batches out of it had to concatenate the
-    chunks, a copy of every view in the consuming process.)"""
+    batch, so the task's output is one block whose columns are single arrays. (Yielding it in
+    slices gave no earlier start: Ray Data joins a task's outputs into one block up to
+    ``target_max_block_size``, 128 MiB, so the block held one chunk per slice, and a consumer
+    slicing batches out of it had to concatenate the chunks, a copy of every view in the
+    consuming process.)"""
     table = read_row_groups(batch)
     rows = {name: table.column(name).to_numpy(zero_copy_only=False) for name in READ_COLUMNS}
     return BATCH_FUNCTIONS[stream](rows, cfg)
