@@ -28,6 +28,7 @@ from copy import deepcopy
 
 import numpy as np
 import torch
+from cluster_cpu import ClusterCPU
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from torchvision import transforms
 
@@ -184,101 +185,6 @@ def per_core_rate(fn, images: list[bytes], repeats: int) -> float:
             fn(data)
         best = min(best, time.process_time() - start)
     return len(images) / best
-
-
-class ClusterCPU:
-    """CPU seconds used by this process and all its descendants (the local Ray cluster: GCS,
-    raylet, workers), read at the start, at the end and every ``interval`` s between, so that
-    workers that exit mid-measurement are still counted up to their last reading (processes
-    that exit are counted in :attr:`exited`; the caller can set such a measurement aside).
-    Measures Ray's real cost on a machine shared with other users, process by process: the
-    driver (this process), Ray's task worker processes (``ray::IDLE`` / ``ray::MapBatches…``),
-    Ray's own actors and agents (``ray::_StatsActor``, ``ray::_AutoscalingCoordinatorActor``,
-    ``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``) and the rest (GCS, raylet).
-
-    Reading every 0.1 s (as this meter first did) cost the driver ~0.12 ms of CPU a sample
-    (subtracted, but competing with the pipeline for the cores); once a second, a tenth of
-    that. In warm passes no process starts or exits, so nothing is lost between readings."""
-
-    KINDS = ("driver", "worker", "service", "daemon")
-
-    def __init__(self, interval: float = 1.0):
-        import threading
-
-        self.interval, self.seen, self.baseline, self.own_cpu = interval, {}, {}, 0.0
-        self.kinds: dict[tuple, str] = {}  # a process's kind as first seen
-        self.alive: set[tuple] = set()  # processes found by the latest reading
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _poll(self) -> None:
-        import importlib
-
-        import ray  # noqa: F401  (puts Ray's bundled psutil on the path)
-
-        psutil = importlib.import_module("psutil")
-
-        me = psutil.Process()
-        alive = set()
-        for proc in [me, *me.children(recursive=True)]:
-            try:
-                t = proc.cpu_times()
-                key = (proc.pid, proc.create_time())
-                if key not in self.kinds:
-                    # the kind it had when first seen: a pooled worker that later hosts an
-                    # actor is not counted twice
-                    self.kinds[key] = self._kind(proc, me)
-                self.seen[key] = t.user + t.system
-                alive.add(key)
-            except psutil.Error:
-                pass
-        self.alive = alive
-
-    @staticmethod
-    def _kind(proc, me) -> str:
-        if proc.pid == me.pid:
-            return "driver"
-        if proc.name().startswith(("ray::_", "ray::DashboardAgent", "ray::RuntimeEnv")):
-            return "service"
-        if proc.name().startswith("ray::"):  # task workers (IDLE / MapBatches(…))
-            return "worker"
-        return "daemon"
-
-    @property
-    def started(self) -> int:
-        """Processes that started after the first reading."""
-        return len(set(self.seen) - set(self.baseline))
-
-    @property
-    def exited(self) -> int:
-        """Processes that exited before the last reading (CPU after their last reading lost)."""
-        return len(set(self.seen) - self.alive)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._poll()
-        self.own_cpu = time.thread_time()  # this thread's polling, not the pipeline's work
-
-    def __enter__(self):
-        self._poll()
-        self.baseline = dict(self.seen)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._poll()
-
-    def seconds(self, kind: str | None = None) -> float:
-        """CPU seconds since ``__enter__`` of one kind of process (:attr:`KINDS`), or of all
-        (None); the poller's own CPU is left out of the driver's."""
-        total = sum(
-            v - self.baseline.get(k, 0.0)
-            for k, v in self.seen.items()
-            if kind is None or self.kinds[k] == kind
-        )
-        return total - self.own_cpu if kind in (None, "driver") else total
 
 
 def ours_rate(images: list[bytes], cfg: DataConfig, repeats: int) -> float:

@@ -10,6 +10,12 @@ its last epoch (the first one warms up). Targets (issue 4): 2 workers >= 1.7x th
 one; data wait < 5% of step time.
 Images/s counts every training image of a step (labeled + unlabeled + CutMix partner rows),
 summed over workers.
+
+A second table says where the machine's cores went in the last epoch's steady part (after its
+first batch): each process of the local Ray cluster is read once a second and counted by kind,
+the train workers, Ray Data's read / augment tasks, its per-stream coordinators, Ray's other
+actors and agents, the daemons (GCS, raylet, dashboard) and this driver. On a machine whose
+cores the train workers share with everything else, it shows what is left for training.
 """
 
 from __future__ import annotations
@@ -19,10 +25,35 @@ import os
 import tempfile
 import time
 
+from cluster_cpu import ClusterCPU
+
 from dssn.config import load_config
 
 TARGET_SPEEDUP = 1.7
 TARGET_DATA_WAIT = 0.05
+KINDS = (
+    "train workers",
+    "data tasks",
+    "data coordinators",
+    "Ray actors and agents",
+    "Ray daemons",
+    "driver",
+)
+
+
+def process_kind(name: str) -> str:
+    """The kind (:data:`KINDS`) of a process of the local cluster, from its name."""
+    if name == "driver":
+        return "driver"
+    if name.startswith("ray::RayTrainWorker"):
+        return "train workers"
+    if name.startswith("ray::SplitCoordinator"):  # one per stream, feeding the workers
+        return "data coordinators"
+    if name == "ray::IDLE" or "(" in name or "->" in name:  # ray::MapBatches(...), pooled
+        return "data tasks"
+    if name.startswith("ray::"):  # TrainController, _StatsActor, DashboardAgent, ...
+        return "Ray actors and agents"
+    return "Ray daemons"  # gcs_server, raylet, dashboard, log monitor
 
 
 def measure(
@@ -52,10 +83,14 @@ def measure(
     started = ensure_ray(cfg)
     try:
         start = time.perf_counter()
-        metrics = fit(cfg).metrics
+        with ClusterCPU(history=True) as meter:
+            metrics = fit(cfg).metrics
     finally:
         if started:
             ray.shutdown()
+    cores, window = meter.cores_between(
+        metrics["steady_start_unix"], metrics["epoch_end_unix"], process_kind
+    )
     return {
         "workers": workers,
         "images_per_s": metrics["images_per_s"],
@@ -65,6 +100,8 @@ def measure(
         "first_batch_s": metrics["first_batch_s"],
         "epoch_time_s": metrics["epoch_time_s"],
         "wall_s": time.perf_counter() - start,
+        "cores": cores,
+        "window_s": window,
     }
 
 
@@ -82,6 +119,23 @@ def table(rows: list[dict[str, float]]) -> str:
             f"{r['images_per_s_steady']:.1f} | {r['images_per_s_steady'] / base_steady:.2f}x | "
             f"{r['data_wait']:.1%} | {r['data_wait_steady']:.1%} | {r['first_batch_s']:.1f} | "
             f"{r['epoch_time_s']:.1f} | {r['wall_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def cores_table(rows: list[dict]) -> str:
+    """Cores in use by kind of process over each run's last steady epoch."""
+    lines = [
+        "| workers | window (s) | " + " | ".join(KINDS) + " | all | idle |",
+        "|---:|---:|" + "---:|" * (len(KINDS) + 2),
+    ]
+    cpus = os.cpu_count() or 1
+    for r in rows:
+        used = [r["cores"].get(k, 0.0) for k in KINDS]
+        cells = " | ".join(f"{c:.2f}" for c in used)
+        idle = max(cpus - sum(used), 0.0)
+        lines.append(
+            f"| {r['workers']} | {r['window_s']:.0f} | {cells} | {sum(used):.2f} | {idle:.2f} |"
         )
     return "\n".join(lines)
 
@@ -109,6 +163,9 @@ def main() -> None:
         speedup = rows[-1]["images_per_s_steady"] / rows[0]["images_per_s_steady"]
         print(f"steady-state speed-up {rows[-1]['workers']} vs {rows[0]['workers']} workers: "
               f"{speedup:.2f}x (target >= {TARGET_SPEEDUP}x for 2 vs 1)")  # fmt: skip
+    print(f"\nWhere the {cores} cores went in the last epoch after its first batch (cores in use, "
+          "processes read once a second)")  # fmt: skip
+    print(cores_table(rows))
     worst_wait = max(r["data_wait_steady"] for r in rows)
     print(f"worst steady-state data wait {worst_wait:.1%} (target < {TARGET_DATA_WAIT:.0%})")
 

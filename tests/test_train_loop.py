@@ -6,6 +6,8 @@ nothing; skip leaves the weights untouched and counts), poly decay, EMA updates,
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -112,12 +114,15 @@ def test_epoch_trains_on_given_batches_without_the_streams(monkeypatch):
     cfg = tiny_cfg()
     nets = build_networks(cfg, torch.device("cpu"), world_size=1)
     state = TrainState()
+    before = time.time()
     out = loop.train_one_epoch(
         cfg, nets, state, 0, 6, FaultInjector(cfg, 0, 1), torch.device("cpu"), 0, 1,
         batches=list(fake_batches(cfg, 0))[:2],
     )  # fmt: skip
     assert out["steps"] == state.iteration == nets.ema.updates == 2
     assert out["images_per_s"] > 0 and out["loss"] == out["loss"]
+    # the steady part's wall-clock window (benchmarks/scaling.py reads CPU counters over it)
+    assert before <= out["steady_start_unix"] < out["epoch_end_unix"] <= time.time()
 
 
 def test_burn_in_epochs_train_on_labeled_batches_then_dssn(run_epoch):

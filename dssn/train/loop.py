@@ -73,6 +73,7 @@ def train_one_epoch(
     batches = iter(iter_train_batches(cfg, epoch) if batches is None else batches)
     start = last_log = time.perf_counter()
     data_wait = window_wait = first_wait = 0.0
+    steady_from = time.time()  # wall clock (Unix) of the first batch's arrival
     i = 0
     while True:
         t0 = time.perf_counter()
@@ -85,6 +86,7 @@ def train_one_epoch(
         window_wait += waited
         if i == 0:
             first_wait = waited  # the pipeline's start-up, paid once per epoch
+            steady_from = time.time()
         faults.maybe_die(state.iteration)
         batch = to_device(raw, device, cfg)
         with autocast_for(cfg, device):
@@ -138,6 +140,8 @@ def train_one_epoch(
     out["first_batch_s"] = first_wait
     out["images_per_s_steady"] = meter.total_images * world_size / max(elapsed - first_wait, 1e-9)
     out["epoch_time_s"] = elapsed
+    # when the steady part ran, for tools that read machine counters over it (scaling.py)
+    out["steady_start_unix"], out["epoch_end_unix"] = steady_from, time.time()
     out["steps"] = i
     out["lr"] = nets.optimizer.param_groups[BACKBONE]["lr"]
     return out
