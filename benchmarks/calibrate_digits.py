@@ -74,7 +74,8 @@ def load_part(root: str, part: str) -> tuple[torch.Tensor, torch.Tensor]:
     """All rows of a part, decoded: images (N, 3, H, W) uint8, masks (N, H, W) uint8."""
     images, masks = [], []
     for row in fmt.iter_rows(root, part, ["image", "mask"]):
-        images.append(torch.from_numpy(fmt.decode_image(row["image"])).permute(2, 0, 1))
+        image = fmt.decode_image(row["image"]).copy()  # PIL's array is read-only
+        images.append(torch.from_numpy(image).permute(2, 0, 1))
         masks.append(torch.from_numpy(fmt.decode_mask(row["mask"])))
     return torch.stack(images), torch.stack(masks)
 
