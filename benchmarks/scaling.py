@@ -81,6 +81,8 @@ def measure(
     )
     # a local Ray of its own, as `dssn train --workers N` starts it (launcher.local_cpus)
     started = ensure_ray(cfg)
+    # the meter reads this process's descendants: a local Ray started here, not a cluster's
+    local = started and not os.environ.get("RAY_ADDRESS")
     try:
         start = time.perf_counter()
         with ClusterCPU(history=True) as meter:
@@ -88,8 +90,10 @@ def measure(
     finally:
         if started:
             ray.shutdown()
-    cores, window = meter.cores_between(
-        metrics["steady_start_unix"], metrics["epoch_end_unix"], process_kind
+    cores, window = (
+        meter.cores_between(metrics["steady_start_unix"], metrics["epoch_end_unix"], process_kind)
+        if local
+        else (None, 0.0)
     )
     return {
         "workers": workers,
@@ -124,13 +128,17 @@ def table(rows: list[dict[str, float]]) -> str:
 
 
 def cores_table(rows: list[dict]) -> str:
-    """Cores in use by kind of process over each run's last steady epoch."""
+    """Cores in use by kind of process over each run's last steady epoch; "unused": the
+    machine's cores less all of them (idle, or used by processes outside this run)."""
     lines = [
-        "| workers | window (s) | " + " | ".join(KINDS) + " | all | idle |",
+        "| workers | window (s) | " + " | ".join(KINDS) + " | all | unused |",
         "|---:|---:|" + "---:|" * (len(KINDS) + 2),
     ]
     cpus = os.cpu_count() or 1
     for r in rows:
+        if r["cores"] is None:
+            lines.append(f"| {r['workers']} | (not measured: a Ray this script did not start) |")
+            continue
         used = [r["cores"].get(k, 0.0) for k in KINDS]
         cells = " | ".join(f"{c:.2f}" for c in used)
         idle = max(cpus - sum(used), 0.0)

@@ -92,3 +92,15 @@ def test_the_live_meter_reads_this_process_as_the_driver():
     cores, window = meter.cores_between(start, end, scaling.process_kind)
     assert window > 0.1
     assert 0.3 < cores["driver"] <= 1.5
+
+
+def test_cores_table_sums_the_kinds_and_marks_a_run_it_could_not_measure(monkeypatch):
+    monkeypatch.setattr(scaling.os, "cpu_count", lambda: 2)
+    rows = [
+        {"workers": 1, "window_s": 17.2, "cores": {"train workers": 0.9, "data tasks": 0.25}},
+        {"workers": 2, "window_s": 0.0, "cores": None},  # joined a cluster: not this meter's
+    ]
+    lines = scaling.cores_table(rows).splitlines()
+    assert lines[0].startswith("| workers | window (s) | train workers | data tasks |")
+    assert lines[2] == "| 1 | 17 | 0.90 | 0.25 | 0.00 | 0.00 | 0.00 | 0.00 | 1.15 | 0.85 |"
+    assert lines[3].startswith("| 2 | (not measured")
