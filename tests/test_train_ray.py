@@ -26,6 +26,7 @@ from dssn.cli import main
 from dssn.config import Config, load_config
 from dssn.data.format import read_dataset_info
 from dssn.train import checkpoint as ckpt
+from dssn.train import history
 from dssn.train.inference import load_for_inference
 
 pytestmark = pytest.mark.ray
@@ -112,6 +113,21 @@ def test_killed_worker_run_resumes_from_the_checkpoint_iteration(main_run):
     # the restarted workers began at the epoch-1 checkpoint's iteration, not at zero
     assert m["resumed_from_iteration"] == ITERS
     assert m["iteration"] == EPOCHS * ITERS
+
+
+def test_history_keeps_each_epoch_once_across_the_restart(main_run):
+    _, run_dir, m = main_run
+    records = history.read_csv(run_dir / history.HISTORY_CSV)
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert [r["iteration"] for r in records] == [ITERS, 2 * ITERS]
+    # epoch 1 by the first attempt (its record came back with the epoch-1 checkpoint), epoch 2
+    # by the restarted one
+    assert [r["restarts"] for r in records] == [0, 1]
+    assert records[0]["nan_skipped"] == 1
+    assert records[-1]["teacher_miou"] == pytest.approx(m["teacher_miou"])
+    assert all(r["images_per_s"] > 0 and np.isfinite(r["loss_x"]) for r in records)
+    with Image.open(run_dir / history.CURVES_PNG) as png:
+        assert png.size[0] > png.size[1]
 
 
 def test_old_checkpoints_are_pruned_keeping_best_and_latest(main_run):

@@ -45,7 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="per-class teacher IoU of finished runs side by side")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (<storage>/<name>)")
     p.add_argument("--which", choices=("final", "best"), default="final", help="epoch to show")
-    p.add_argument("--out", help="also write compare.csv and compare.md into this directory")
+    p.add_argument(
+        "--out",
+        help="also write compare.csv, compare.md and compare.png (mIoU curves) into this directory",
+    )
     p.set_defaults(func=_compare)
 
     p = sub.add_parser("predict", help="coloured masks and overlays for a folder of images")
@@ -96,6 +99,7 @@ def train_command(args: argparse.Namespace) -> int:
     import ray
 
     from dssn.config import load_config
+    from dssn.train.history import write_run_history
     from dssn.train.launcher import ensure_ray, fit, run_dir
     from dssn.train.summary import summary_rows, summary_text, write_summary
 
@@ -119,7 +123,10 @@ def train_command(args: argparse.Namespace) -> int:
         return 1
     rows = summary_rows(result.metrics, cfg)
     print(summary_text(result.metrics, rows))
-    for path in write_summary(result.metrics, rows, run_dir(cfg)):
+    paths = write_summary(result.metrics, rows, run_dir(cfg))
+    if paths and result.checkpoint is not None:  # local storage: the curves beside the table
+        paths += write_run_history(result.checkpoint.path, cfg)
+    for path in paths:
         print(f"wrote {path}")
     return 0
 

@@ -4,6 +4,8 @@ Reads each run's ``summary.json`` (written by ``dssn train`` when a run ends) an
 column per run: the teacher's final-epoch IoU per class (``--which best`` for its best epoch),
 the mIoU, and the mean over the rarest classes of the dataset's training prior (digits: the
 three rarest digits), where a single global confidence threshold is expected to fall short.
+With ``--out DIR`` it also writes the table (CSV, Markdown) and ``compare.png``: the runs'
+teacher and student mIoU against the iteration, from their ``history.csv``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from dssn.config import ConfigError, load_config
 from dssn.data.format import ShardError, read_dataset_info
+from dssn.train import history
 from dssn.train.metrics import mean_iou
 from dssn.train.summary import SUMMARY_STEM
 from dssn.train.tables import class_names_for, iou_rows, to_text, write_tables
@@ -84,4 +87,11 @@ def compare_command(args) -> int:
     if args.out:
         for path in write_tables(rows, args.out, "compare"):
             print(f"wrote {path}")
+        curves = {Path(d).name: Path(d) / history.HISTORY_CSV for d in args.runs}
+        missing = [name for name, path in curves.items() if not path.is_file()]
+        if missing:  # runs finished before history.csv existed (2026-12-07)
+            print(f"no {history.HISTORY_CSV} in {', '.join(missing)}: left out of the plot")
+        found = {n: history.read_csv(p) for n, p in curves.items() if n not in missing}
+        if found:
+            print(f"wrote {history.plot_runs(found, Path(args.out) / history.COMPARE_PNG)}")
     return 0

@@ -27,6 +27,7 @@ from dssn.data.pipeline import iter_train_batches, iter_val_samples, iters_per_e
 from dssn.method import step
 from dssn.train.evaluate import amp_enabled, autocast_for, evaluate
 from dssn.train.faults import FaultInjector
+from dssn.train.history import epoch_record
 from dssn.train.meter import MetricMeter, image_count
 from dssn.train.schedule import BACKBONE, set_poly_lr
 from dssn.train.setup import Networks, build_networks, worker_threads
@@ -224,6 +225,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 state.epoch, res["teacher"].iou, res["student"].iou,
                 res["teacher"].miou, res["student"].miou,
             )  # fmt: skip
+        state.history.append(epoch_record(state, train, evaluated))  # into the checkpoint
         metrics = epoch_report(state, train, evaluated)
         metrics["resumed_from_iteration"] = resumed_from
         log(

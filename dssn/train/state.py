@@ -38,6 +38,7 @@ class TrainState:
     nan_skipped: int = 0  # steps skipped for a non-finite loss (nan_policy: skip)
     restarts: int = 0  # times the run was resumed from a checkpoint
     ema_updates: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)  # dssn.train.history records
 
     def record_eval(
         self,
