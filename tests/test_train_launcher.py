@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from dssn.config import Config
 from dssn.train.cli import train_overrides
-from dssn.train.launcher import resolve_paths, run_dir, run_exists, save_config
+from dssn.train.launcher import (
+    finished_run,
+    latest_checkpoint_state,
+    resolve_paths,
+    run_dir,
+    run_exists,
+    save_config,
+)
 
 
 def test_relative_paths_become_absolute_for_the_workers(tmp_path, monkeypatch):
@@ -58,3 +66,21 @@ def test_local_ray_gives_ray_data_every_core_beside_the_workers(monkeypatch):
     assert launcher.local_cpus(cfg) == 3
     monkeypatch.setattr(launcher.os, "cpu_count", lambda: None)  # unknown: still room for data
     assert launcher.local_cpus(cfg) - launcher.train_cpus(cfg) >= launcher.MIN_FREE_DATA_CPUS
+
+
+def test_finished_run_is_the_checkpoint_with_every_epoch(tmp_path):
+    cfg = Config()
+    cfg.train.storage, cfg.train.name, cfg.train.epochs = str(tmp_path), "r", 2
+    assert finished_run(cfg) is None  # no run at all
+    run = tmp_path / "r"
+    for epoch in (1, 2):
+        d = run / f"checkpoint_epoch_{epoch:04d}"
+        d.mkdir(parents=True)
+        (d / "state.json").write_text(json.dumps({"epoch": epoch, "metrics": {"epoch": epoch}}))
+    (run / "checkpoint_epoch_0003").mkdir()  # a killed attempt's half-written directory
+    (run / "checkpoint_epoch_0003" / "model.pt").write_bytes(b"")
+    directory, state = finished_run(cfg)
+    assert Path(directory).name == "checkpoint_epoch_0002" and state["metrics"] == {"epoch": 2}
+    assert latest_checkpoint_state(cfg)[1]["epoch"] == 2
+    cfg.train.epochs = 3  # to be extended: not finished
+    assert finished_run(cfg) is None

@@ -130,6 +130,24 @@ def test_history_keeps_each_epoch_once_across_the_restart(main_run):
         assert png.size[0] > png.size[1]
 
 
+def test_rerunning_a_finished_run_prints_its_summary_without_ray(main_run, monkeypatch, capsys):
+    import dssn.train.launcher as launcher
+
+    config, run_dir, m = main_run
+
+    def no_ray(cfg):
+        raise AssertionError("a finished run started Ray")
+
+    monkeypatch.setattr(launcher, "ensure_ray", no_ray)
+    (run_dir / "curves.png").unlink()
+    assert main(["train", "--config", str(config), "--workers", "2", "--name", "main"]) == 0
+    out = capsys.readouterr().out
+    assert f"already ran its {EPOCHS} epochs" in out and "teacher final" in out
+    again = json.loads((run_dir / "summary.json").read_text())
+    assert again["iteration"] == m["iteration"] and again["teacher_iou"] == m["teacher_iou"]
+    assert (run_dir / "curves.png").is_file()  # written again from the latest checkpoint
+
+
 def test_old_checkpoints_are_pruned_keeping_best_and_latest(main_run):
     _, run_dir, m = main_run
     kept = {d.name: ckpt.read_state(d) for d in run_dir.glob("checkpoint_epoch_*")}

@@ -99,11 +99,19 @@ def train_command(args: argparse.Namespace) -> int:
     import ray
 
     from dssn.config import load_config
-    from dssn.train.history import write_run_history
-    from dssn.train.launcher import ensure_ray, fit, run_dir
-    from dssn.train.summary import summary_rows, summary_text, write_summary
+    from dssn.train.launcher import ensure_ray, finished_run, fit, run_dir
 
     cfg = load_config(args.config, train_overrides(args))
+    done = None if args.no_resume else finished_run(cfg)
+    if done is not None:  # nothing to train: no Ray start, the summary of the run as it ended
+        directory, state = done
+        print(
+            f"dssn: {run_dir(cfg)} already ran its {state['epoch']} epochs "
+            f"(train.epochs={cfg.train.epochs}); its summary follows. To train it further, "
+            "raise train.epochs; for a new run, pass another --name",
+            flush=True,
+        )
+        return summarise(state["metrics"], directory, cfg)
     started = ensure_ray(cfg)
     try:
         result = fit(cfg, resume=not args.no_resume)
@@ -121,11 +129,21 @@ def train_command(args: argparse.Namespace) -> int:
     if result.metrics is None:
         print("dssn train: no epoch finished, so there is nothing to summarise", file=sys.stderr)
         return 1
-    rows = summary_rows(result.metrics, cfg)
-    print(summary_text(result.metrics, rows))
-    paths = write_summary(result.metrics, rows, run_dir(cfg))
-    if paths and result.checkpoint is not None:  # local storage: the curves beside the table
-        paths += write_run_history(result.checkpoint.path, cfg)
+    return summarise(result.metrics, result.checkpoint and result.checkpoint.path, cfg)
+
+
+def summarise(metrics: dict, checkpoint_dir: str | None, cfg) -> int:
+    """Print the run's summary table; on local storage write it, ``history.csv`` and
+    ``curves.png`` (from the latest checkpoint) into the run directory."""
+    from dssn.train.history import write_run_history
+    from dssn.train.launcher import run_dir
+    from dssn.train.summary import summary_rows, summary_text, write_summary
+
+    rows = summary_rows(metrics, cfg)
+    print(summary_text(metrics, rows))
+    paths = write_summary(metrics, rows, run_dir(cfg))
+    if paths and checkpoint_dir is not None:  # local storage: the curves beside the table
+        paths += write_run_history(checkpoint_dir, cfg)
     for path in paths:
         print(f"wrote {path}")
     return 0

@@ -10,10 +10,12 @@ and hands the latest checkpoint to the workers through ``ray.train.get_checkpoin
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import pyarrow.fs as pafs
 
@@ -72,6 +74,35 @@ def run_exists(cfg: Config) -> bool:
     """Whether ``run_dir(cfg)`` holds a Ray Train snapshot (a run that can be continued)."""
     fs, path = _fs(run_dir(cfg))
     return fs.get_file_info(f"{path}/{SNAPSHOT_FILE}").type == pafs.FileType.File
+
+
+def latest_checkpoint_state(cfg: Config) -> tuple[str, dict[str, Any]] | None:
+    """(directory, ``state.json``) of the run's checkpoint with the most epochs, on local or
+    remote storage; None when the run has none."""
+    from dssn.train.checkpoint import STATE
+
+    fs, inner = _fs(run_dir(cfg))
+    latest: tuple[str, dict[str, Any]] | None = None
+    for entry in fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True)):
+        state_path = f"{entry.path}/{STATE}"
+        if entry.type != pafs.FileType.Directory or not entry.base_name.startswith("checkpoint"):
+            continue
+        if fs.get_file_info(state_path).type != pafs.FileType.File:
+            continue  # a directory a killed attempt left half-written
+        with fs.open_input_stream(state_path) as f:
+            state = json.loads(f.read().decode())
+        if latest is None or state.get("epoch", 0) > latest[1].get("epoch", 0):
+            latest = (entry.path, state)
+    return latest
+
+
+def finished_run(cfg: Config) -> tuple[str, dict[str, Any]] | None:
+    """:func:`latest_checkpoint_state` if the run already ran all ``train.epochs`` and its last
+    report is in it; else None."""
+    latest = latest_checkpoint_state(cfg)
+    if latest is None or latest[1].get("epoch", 0) < cfg.train.epochs:
+        return None
+    return latest if latest[1].get("metrics") else None
 
 
 def save_config(cfg: Config) -> str:

@@ -180,27 +180,10 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], storage: str) -> Non
 def finished_run_metrics(cfg: Config) -> dict[str, Any] | None:
     """The last report of the trial's Train run if it already ran all ``train.epochs``
     (read from its checkpoints' ``state.json``); else None."""
-    import pyarrow.fs as pafs
+    from dssn.train.launcher import finished_run
 
-    from dssn.train.checkpoint import STATE
-    from dssn.train.launcher import run_dir
-
-    fs, inner = files.filesystem(run_dir(cfg))
-    entries = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
-    latest: dict[str, Any] | None = None
-    for entry in entries:
-        state_path = f"{entry.path}/{STATE}"
-        if entry.type != pafs.FileType.Directory or not entry.base_name.startswith("checkpoint"):
-            continue
-        if fs.get_file_info(state_path).type != pafs.FileType.File:
-            continue
-        with fs.open_input_stream(state_path) as f:
-            state = json.loads(f.read().decode())
-        if latest is None or state.get("epoch", 0) > latest.get("epoch", 0):
-            latest = state
-    if latest is None or latest.get("epoch", 0) < cfg.train.epochs or not latest.get("metrics"):
-        return None
-    return latest["metrics"]
+    finished = finished_run(cfg)
+    return None if finished is None else finished[1]["metrics"]
 
 
 def fit_trial(config: dict[str, Any], callback: Any) -> None:
