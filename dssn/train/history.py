@@ -175,7 +175,7 @@ def plot_run(history: list[dict[str, Any]], path: str | Path, title: str) -> Pat
         if positive:
             loss.set_yscale("log")
         loss.legend(fontsize=7)
-    loss.set_title("losses (epoch means)", fontsize=9)
+    loss.set_title("loss terms (epoch means, before their weights)", fontsize=9)
     xs, ys = _series(history, ("mask_ratio",))
     kept.plot(xs, [100 * y for y in ys], marker=".", color="tab:purple")
     kept.set_ylim(0, 100)
