@@ -110,6 +110,27 @@ class ClusterCPU:
         )
         return total - self.own_cpu if kind in (None, "driver") else total
 
+    def _window(self, start: float, end: float) -> tuple[int, int]:
+        """Indices of the readings nearest to the Unix times ``start`` and ``end``."""
+        if not self.history or len(self.history) < 2:
+            raise ValueError("cores_between needs a ClusterCPU(history=True) with two readings")
+        first = min(range(len(self.history)), key=lambda i: abs(self.history[i][0] - start))
+        last = min(range(len(self.history)), key=lambda i: abs(self.history[i][0] - end))
+        if last <= first:
+            raise ValueError(f"window {start:.1f}..{end:.1f} holds fewer than two readings")
+        return first, last
+
+    def started_between(self, start: float, end: float) -> int:
+        """Processes first read inside the window (as :meth:`cores_between` reads it): a Ray
+        worker process that starts costs ~3 CPU-s of imports, so a few of them move the cores
+        a window shows."""
+        first, last = self._window(start, end)
+        before = set(self.history[first][1])
+        new = set()
+        for _, reading in self.history[first + 1 : last + 1]:
+            new.update(set(reading) - before)
+        return len(new)
+
     def cores_between(
         self, start: float, end: float, classify: Callable[[str], str]
     ) -> tuple[dict[str, float], float]:
@@ -118,12 +139,7 @@ class ClusterCPU:
         A process's kind is ``classify`` of its name at the later reading ("driver" for this
         process); a process that started inside the window counts from zero, one that exited
         counts up to its last reading in the window. Needs ``history=True``."""
-        if not self.history or len(self.history) < 2:
-            raise ValueError("cores_between needs a ClusterCPU(history=True) with two readings")
-        first = min(range(len(self.history)), key=lambda i: abs(self.history[i][0] - start))
-        last = min(range(len(self.history)), key=lambda i: abs(self.history[i][0] - end))
-        if last <= first:
-            raise ValueError(f"window {start:.1f}..{end:.1f} holds fewer than two readings")
+        first, last = self._window(start, end)
         t0, before = self.history[first]
         t1 = self.history[last][0]
         latest: dict[tuple, tuple[float, str]] = {}

@@ -90,11 +90,9 @@ def measure(
     finally:
         if started:
             ray.shutdown()
-    cores, window = (
-        meter.cores_between(metrics["steady_start_unix"], metrics["epoch_end_unix"], process_kind)
-        if local
-        else (None, 0.0)
-    )
+    window_ends = (metrics["steady_start_unix"], metrics["epoch_end_unix"])
+    cores, window = meter.cores_between(*window_ends, process_kind) if local else (None, 0.0)
+    started_in_window = meter.started_between(*window_ends) if local else 0
     return {
         "workers": workers,
         "images_per_s": metrics["images_per_s"],
@@ -106,6 +104,7 @@ def measure(
         "wall_s": time.perf_counter() - start,
         "cores": cores,
         "window_s": window,
+        "started": started_in_window,
     }
 
 
@@ -129,10 +128,11 @@ def table(rows: list[dict[str, float]]) -> str:
 
 def cores_table(rows: list[dict]) -> str:
     """Cores in use by kind of process over each run's last steady epoch; "unused": the
-    machine's cores less all of them (idle, or used by processes outside this run)."""
+    machine's cores less all of them (idle, or used by processes outside this run); "processes
+    started": Ray processes that started inside the window (each ~3 CPU-s of imports)."""
     lines = [
-        "| workers | window (s) | " + " | ".join(KINDS) + " | all | unused |",
-        "|---:|---:|" + "---:|" * (len(KINDS) + 2),
+        "| workers | window (s) | " + " | ".join(KINDS) + " | all | unused | processes started |",
+        "|---:|---:|" + "---:|" * (len(KINDS) + 3),
     ]
     cpus = os.cpu_count() or 1
     for r in rows:
@@ -143,7 +143,8 @@ def cores_table(rows: list[dict]) -> str:
         cells = " | ".join(f"{c:.2f}" for c in used)
         idle = max(cpus - sum(used), 0.0)
         lines.append(
-            f"| {r['workers']} | {r['window_s']:.0f} | {cells} | {sum(used):.2f} | {idle:.2f} |"
+            f"| {r['workers']} | {r['window_s']:.0f} | {cells} | {sum(used):.2f} | {idle:.2f} "
+            f"| {r.get('started', 0)} |"
         )
     return "\n".join(lines)
 

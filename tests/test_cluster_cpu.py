@@ -52,6 +52,8 @@ def test_cores_between_counts_each_kind_over_the_window_by_its_latest_name():
     assert cores["Ray daemons"] == pytest.approx(0.1)
     assert cores["data tasks"] == pytest.approx(0.35)  # c: 1.0 until it exits, d: 2.5 from 0
     assert set(cores) == {"train workers", "Ray daemons", "data tasks"}
+    assert meter.started_between(109.6, 120.4) == 1  # d; c was there at the window's start
+    assert meter.started_between(99.0, 131.0) == 2  # c and d
 
 
 def test_cores_between_refuses_a_window_without_two_readings():
@@ -97,10 +99,15 @@ def test_the_live_meter_reads_this_process_as_the_driver():
 def test_cores_table_sums_the_kinds_and_marks_a_run_it_could_not_measure(monkeypatch):
     monkeypatch.setattr(scaling.os, "cpu_count", lambda: 2)
     rows = [
-        {"workers": 1, "window_s": 17.2, "cores": {"train workers": 0.9, "data tasks": 0.25}},
+        {
+            "workers": 1,
+            "window_s": 17.2,
+            "cores": {"train workers": 0.9, "data tasks": 0.25},
+            "started": 2,
+        },
         {"workers": 2, "window_s": 0.0, "cores": None},  # joined a cluster: not this meter's
     ]
     lines = scaling.cores_table(rows).splitlines()
     assert lines[0].startswith("| workers | window (s) | train workers | data tasks |")
-    assert lines[2] == "| 1 | 17 | 0.90 | 0.25 | 0.00 | 0.00 | 0.00 | 0.00 | 1.15 | 0.85 |"
+    assert lines[2] == "| 1 | 17 | 0.90 | 0.25 | 0.00 | 0.00 | 0.00 | 0.00 | 1.15 | 0.85 | 2 |"
     assert lines[3].startswith("| 2 | (not measured")
