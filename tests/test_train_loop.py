@@ -100,6 +100,25 @@ def test_epoch_trains_logs_and_decays(run_epoch, capsys):
     assert out["lr"] == pytest.approx(cfg.optim.lr * (1 - 2 / 6) ** 0.9)
     log = capsys.readouterr().out
     assert "epoch 1/2 step 2/3 (iter 2)" in log and "mask_ratio" in log and "img/s" in log
+    line = next(x for x in log.splitlines() if "step 2/3" in x)
+    assert " eta " in line  # the run's 4 remaining steps at the window's pace
+
+
+def test_time_left_of_the_run_or_of_its_burn_in():
+    cfg = tiny_cfg(epochs=4, log_every=10)  # 100 steps an epoch below
+    assert loop.remaining(cfg, 3, 350, 100, 5.0) == "eta 25s"  # 50 steps at 0.5 s
+    cfg.dssn.burn_in_epochs = 2  # labeled-only steps now, DSSN steps later: only the burn-in
+    assert loop.remaining(cfg, 1, 150, 100, 5.0) == "burn-in ends in 25s"
+    assert loop.remaining(cfg, 2, 250, 100, 20.0) == "eta 5m00s"
+    cfg.method = "supervised"  # every step labeled-only: the whole run
+    assert loop.remaining(cfg, 0, 50, 100, 5.0) == "eta 2m55s"
+
+
+def test_eta_reads_as_hours_minutes_or_seconds():
+    assert loop.format_eta(45.4) == "45s"
+    assert loop.format_eta(750) == "12m30s"
+    assert loop.format_eta(3900) == "1h05m"
+    assert loop.format_eta(-3) == "0s"
 
 
 def test_epoch_trains_on_given_batches_without_the_streams(monkeypatch):

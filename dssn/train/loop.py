@@ -54,6 +54,26 @@ def log(rank: int, message: str) -> None:
         sys.stdout.flush()
 
 
+def format_eta(seconds: float) -> str:
+    """``1h05m``, ``12m30s`` or ``45s``."""
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def remaining(cfg: Config, epoch: int, iteration: int, per_epoch: int, window_s: float) -> str:
+    """The time left at the pace of the last ``log_every`` steps (evaluations not counted):
+    of the run, or, in a burn-in followed by the costlier DSSN steps, of the burn-in."""
+    pace = window_s / cfg.train.log_every
+    if cfg.labeled_only(epoch) and not cfg.labeled_only(cfg.train.epochs - 1):
+        left = cfg.dssn.burn_in_epochs * per_epoch - iteration
+        return f"burn-in ends in {format_eta(left * pace)}"
+    return f"eta {format_eta((cfg.train.epochs * per_epoch - iteration) * pace)}"
+
+
 def train_one_epoch(
     cfg: Config,
     nets: Networks,
@@ -128,7 +148,8 @@ def train_one_epoch(
                 rank,
                 f"epoch {epoch + 1}/{cfg.train.epochs} step {i}/{per_epoch} "
                 f"(iter {state.iteration}) {parts} lr {lr:.3g} img/s {rate:.1f} "
-                f"data_wait {window_wait / max(now - last_log, 1e-9):.1%}",
+                f"data_wait {window_wait / max(now - last_log, 1e-9):.1%} "
+                + remaining(cfg, epoch, state.iteration, per_epoch, now - last_log),
             )
             meter.reset_window()
             last_log, window_wait = now, 0.0
