@@ -87,7 +87,7 @@ def test_write_history_makes_the_csv_and_a_four_panel_png(tmp_path):
 
 
 def test_resumes_are_marked_and_nan_points_skipped():
-    plt = history._pyplot()
+    plt = history.pyplot()
     fig, ax = plt.subplots()
     records = fake_history(epochs=5, restart_at=3)
     history._restarts(ax, records)

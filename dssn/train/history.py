@@ -14,7 +14,11 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dssn.config import Config
+    from dssn.train.state import TrainState
 
 HISTORY_CSV = "history.csv"
 CURVES_PNG = "curves.png"
@@ -34,7 +38,7 @@ DPI = 120
 PANEL = (4.2, 3.2)  # inches per subplot
 
 
-def epoch_record(state: Any, train: dict[str, Any], evaluated: bool) -> dict[str, Any]:
+def epoch_record(state: TrainState, train: dict[str, Any], evaluated: bool) -> dict[str, Any]:
     """One finished epoch: position, this epoch's evaluation (None where it had none), the
     training metrics of ``train_one_epoch`` (losses, mask ratio, lr, images/s, data wait)."""
     record = {
@@ -99,7 +103,7 @@ def write_history(history: list[dict[str, Any]], run_dir: str | Path, title: str
     ]
 
 
-def write_run_history(checkpoint_dir: str | Path, cfg: Any) -> list[Path]:
+def write_run_history(checkpoint_dir: str | Path, cfg: Config) -> list[Path]:
     """:func:`write_history` of a run from its latest checkpoint (a local directory) into the
     run directory, titled with the run's name and method."""
     from dssn.train import checkpoint as ckpt
@@ -112,7 +116,8 @@ def write_run_history(checkpoint_dir: str | Path, cfg: Any) -> list[Path]:
     return write_history(history, run_dir(cfg), f"{Path(run_dir(cfg)).name} ({how})")
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (also used by ``dssn.tune.plots``)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a cluster head node or in tests
@@ -145,7 +150,7 @@ def plot_run(history: list[dict[str, Any]], path: str | Path, title: str) -> Pat
     """Four panels over the epochs: teacher and student mIoU (best teacher epoch starred),
     the loss terms, the share of pseudo-labels kept, and images/s with the data-wait share.
     Resumes are dotted lines."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     fig, (acc, loss, kept, speed) = plt.subplots(1, 4, figsize=(4 * PANEL[0] + 0.6, PANEL[1]))
@@ -206,7 +211,7 @@ def plot_run(history: list[dict[str, Any]], path: str | Path, title: str) -> Pat
 def plot_runs(histories: dict[str, list[dict[str, Any]]], path: str | Path) -> Path:
     """Teacher and student mIoU of several runs against the iteration (runs of different epoch
     lengths line up), one line per run."""
-    plt = _pyplot()
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(2 * PANEL[0] + 1, PANEL[1]), sharey=True)
     for name, history in histories.items():

@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 
+from dssn.train.history import pyplot
 from dssn.tune.space import Param
 
 MIN_TRIALS_FOR_IMPORTANCE = 2  # importances compare trials: one trial has nothing to compare
@@ -20,18 +21,9 @@ PANEL_SIZE = (4.0, 3.2)  # inches per subplot
 MAX_LEGEND_TRIALS = 12  # beyond this a legend hides the curves
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on a cluster head node or in tests
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_curves(exp: Any, table: pd.DataFrame, path: Path) -> Path:
     """Teacher and student mIoU per epoch, one line per trial; ASHA-stopped trials end in x."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(2 * PANEL_SIZE[0] + 1, PANEL_SIZE[1]), sharey=True)
@@ -61,7 +53,7 @@ def plot_curves(exp: Any, table: pd.DataFrame, path: Path) -> Path:
 
 def plot_params(space: dict[str, Param], table: pd.DataFrame, metric: str, path: Path) -> Path:
     """One panel per searched parameter: its value against the trial's best ``metric``."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import NullFormatter
 
     names = list(space) or [c for c in table.columns if c not in _RESULT_COLUMNS]
@@ -173,7 +165,7 @@ def _native(value: Any) -> Any:
 
 
 def plot_importance(values: dict[str, float], method: str, path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     names = sorted(values, key=values.get)
     fig, ax = plt.subplots(figsize=PANEL_SIZE)
     ax.barh(names, [values[n] for n in names])
