@@ -6,6 +6,7 @@ nothing; skip leaves the weights untouched and counts), poly decay, EMA updates,
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
@@ -112,6 +113,20 @@ def test_time_left_of_the_run_or_of_its_burn_in():
     assert loop.remaining(cfg, 2, 250, 100, 20.0) == "eta 5m00s"
     cfg.method = "supervised"  # every step labeled-only: the whole run
     assert loop.remaining(cfg, 0, 50, 100, 5.0) == "eta 2m55s"
+
+
+def test_ray_trains_report_lines_are_quiet_and_its_warnings_stay():
+    from ray.train.v2._internal.execution import context
+
+    logger = logging.getLogger(context.__file__)
+    before = logger.level
+    try:
+        logger.setLevel(logging.INFO)  # as in a Ray worker, where the line shows
+        loop.quiet_report_lines()
+        assert not logger.isEnabledFor(logging.INFO)  # "Reporting training result N: ..."
+        assert logger.isEnabledFor(logging.WARNING)
+    finally:
+        logger.setLevel(before)
 
 
 def test_eta_reads_as_hours_minutes_or_seconds():

@@ -10,6 +10,7 @@ rank 0 attaches the checkpoint. A run resumes from ``ray.train.get_checkpoint()`
 
 from __future__ import annotations
 
+import logging
 import sys
 import tempfile
 import time
@@ -52,6 +53,17 @@ def log(rank: int, message: str) -> None:
     if rank == 0:
         sys.stdout.write(message + "\n")
         sys.stdout.flush()
+
+
+def quiet_report_lines() -> None:
+    """Ray Train 2.60 logs every ``ray.train.report`` at INFO from every worker with the whole
+    metrics dict (per-class IoU lists included): a screenful an epoch on the driver, beside
+    the loop's own epoch line. That module logs nothing else at INFO; its warnings stay."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: leave its logging as it is
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def format_eta(seconds: float) -> str:
@@ -206,6 +218,7 @@ def epoch_report(state: TrainState, train: dict[str, float], evaluated: bool) ->
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker entry point. ``config``: a Config as a dict (``cfg.to_dict()``)."""
     cfg = from_dict(config, where="train_loop_per_worker config")
+    quiet_report_lines()
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(worker_threads(cfg))
