@@ -3,7 +3,7 @@
     python -m dssn.demo [--num-samples N] [--max-epochs E] [--storage runs] [key=value ...]
 
 Generates the digits shards into ``shards/digits`` if they are missing (seconds, nothing is
-downloaded), runs ``dssn tune`` with ``configs/digits.yaml`` sized by ``DEMO`` below (7-14
+downloaded), runs ``dssn tune`` with ``configs/digits.yaml`` sized by ``DEMO`` below (6-14
 minutes on 2 CPU cores, the longer without native bf16), then prints the result table and
 where the plots and the best config are. Each run is a new experiment
 ``runs/digits-demo-<time>``.
