@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import time
+import warnings
 
 import pytest
 
@@ -54,9 +56,79 @@ def test_install_is_idempotent(stub_loop):
     assert StreamingExecutor._scheduling_loop_step is step  # not wrapped twice
 
 
-def test_runtime_env_keeps_the_callers_fields():
+def test_runtime_env_keeps_the_callers_fields(monkeypatch):
+    monkeypatch.delenv(pacing.CONSOLE_ENV, raising=False)
     env = pacing.runtime_env({"env_vars": {"A": "1"}})
     assert env == {"env_vars": {"A": "1"}, "worker_process_setup_hook": pacing.SETUP_HOOK}
+    monkeypatch.setenv(pacing.CONSOLE_ENV, "INFO")  # passed on to every process of the job
+    env = pacing.runtime_env({"env_vars": {"A": "1"}})
+    assert env["env_vars"] == {"A": "1", pacing.CONSOLE_ENV: "INFO"}
+
+
+def console_handler() -> logging.Handler:
+    (handler,) = [h for h in logging.getLogger("ray.data").handlers if h.name == "console"]
+    return handler
+
+
+@pytest.fixture
+def ray_data_console(monkeypatch):
+    """Ray Data's default logging config restored after the test."""
+    from ray.data._internal import logging as data_logging
+
+    console = data_logging.DEFAULT_CONFIG["handlers"]["console"]
+    monkeypatch.setitem(console, "level", console["level"])
+    monkeypatch.delenv("RAY_DATA_LOGGING_CONFIG", raising=False)
+    yield data_logging
+    data_logging.configure_logging()
+
+
+def test_ray_datas_info_lines_leave_the_console_and_stay_in_its_log_file(
+    monkeypatch, ray_data_console
+):
+    from ray.data._internal.execution import streaming_executor
+
+    monkeypatch.delenv(pacing.CONSOLE_ENV, raising=False)
+    assert pacing.quiet_console()
+    record = logging.getLogger(streaming_executor.__name__).makeRecord(
+        "ray.data", logging.INFO, __file__, 1, "Starting execution of Dataset x.", None, None
+    )
+    assert console_handler().level == logging.WARNING
+    assert record.levelno < console_handler().level  # "Starting execution ...": not shown
+    (file_handler,) = [h for h in logging.getLogger("ray.data").handlers if h.name == "file"]
+    assert record.levelno >= file_handler.level  # still written to ray-data.log
+    progress = logging.getLogger("ray.data._internal.progress")
+    hint = progress.makeRecord(
+        progress.name, logging.WARNING, __file__, 1, "Progress bars disabled. To enable", None, None
+    )
+    warning = progress.makeRecord(progress.name, logging.WARNING, __file__, 1, "slow", None, None)
+    assert not progress.filter(hint) and progress.filter(warning)
+    ray_data_console.configure_logging()  # Ray Data configures again for each dataset
+    assert console_handler().level == logging.WARNING
+    monkeypatch.setenv(pacing.CONSOLE_ENV, "info")
+    assert pacing.quiet_console() and console_handler().level == logging.INFO
+
+
+def test_a_bad_console_level_is_named():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(pacing.CONSOLE_ENV, "LOUD")
+        with pytest.raises(ValueError, match="DSSN_RAY_DATA_CONSOLE='LOUD' is not a logging level"):
+            pacing.quiet_console()
+
+
+def test_ray_trains_own_deprecation_warning_is_silenced_and_others_are_not(ray_data_console):
+    from ray.data._internal.execution.interfaces.execution_options import (
+        ExecutionOptions,
+        ExecutionResources,
+    )
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert pacing.quiet_console()
+        ExecutionOptions(exclude_resources=ExecutionResources.zero())  # as Ray Train's DataConfig
+        ExecutionOptions(actor_locality_enabled=False)  # another deprecation: still warned
+    messages = [str(w.message) for w in caught]
+    assert not any("exclude_resources" in m for m in messages)
+    assert any("actor_locality_enabled" in m for m in messages)
 
 
 @pytest.mark.ray
@@ -67,16 +139,21 @@ def test_every_ray_worker_is_paced(ray_instance):
 
     @ray.remote(num_cpus=0)
     def task() -> bool:
-        return pacing.installed()
+        handlers = logging.getLogger("ray.data").handlers  # Ray Data's INFO lines: file only
+        quiet = [h.level for h in handlers if h.name == "console"] == [logging.WARNING]
+        return pacing.installed() and quiet
 
     @ray.remote(num_cpus=0)
     class Actor:
         def paced(self) -> bool:
-            return pacing.installed()
+            handlers = logging.getLogger("ray.data").handlers
+            quiet = [h.level for h in handlers if h.name == "console"] == [logging.WARNING]
+            return pacing.installed() and quiet
 
     env = {"env_vars": {"DSSN_TEST": "1"}}
     actor = Actor.options(runtime_env=env).remote()
-    assert ray.get([task.remote(), task.options(runtime_env=env).remote(), actor.paced.remote()])
+    results = [task.remote(), task.options(runtime_env=env).remote(), actor.paced.remote()]
+    assert ray.get(results) == [True, True, True]  # (a list is truthy whatever it holds)
     ray.kill(actor)
 
 

@@ -47,14 +47,17 @@ augmenting workers sat idle between tasks for 0.1-0.8 s (the CPUs ~40% idle) and
 several read/augment tasks at once (a GPU node feeding its trainer) loses the same share.
 
 Every Ray process gets all four through the job's ``worker_process_setup_hook``
-(:func:`runtime_env`), the driver by calling :func:`install` directly.
+(:func:`runtime_env`), the driver by calling :func:`install` directly. The same hook keeps Ray
+Data's per-execution INFO lines off the console (:func:`quiet_console`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
+import warnings
 from typing import Any
 
 IDLE_SLEEP_S = 0.05
@@ -62,12 +65,16 @@ CLUSTER_POLL_S = 5.0  # how long this process reuses ray.cluster_resources()
 SETUP_HOOK = "dssn.data.pacing.install"  # worker_process_setup_hook: a module path Ray imports
 _MARK = "_dssn_paced"
 PREFETCH_ENV = "RAY_DATA_METADATA_PREFETCH_ON_THREAD"
+CONSOLE_ENV = "DSSN_RAY_DATA_CONSOLE"  # console level of Ray Data's logger (default WARNING)
+# Ray Train 2.60's own DataConfig sets this option on every run; nothing a user can change
+TRAIN_DEPRECATION = r"`ExecutionOptions\.exclude_resources` is deprecated"
 
 
 def install() -> bool:
     """Pace Ray Data's scheduling loop and floor its CPU budgets in this process (idempotent).
     False when this Ray has no such loop (another version's internals): then nothing is
     changed."""
+    quiet_console()
     floor_cpu_budgets()
     wake_on_first_output()
     fetch_metadata_inline()
@@ -240,6 +247,55 @@ def fetch_metadata_inline() -> bool:
     return True
 
 
+def console_level() -> str:
+    """The level named by ``DSSN_RAY_DATA_CONSOLE`` (default WARNING), checked."""
+    value = os.environ.get(CONSOLE_ENV, "WARNING")
+    level = value.strip().upper()
+    if not isinstance(logging.getLevelName(level), int):
+        raise ValueError(
+            f"{CONSOLE_ENV}={value!r} is not a logging level: use DEBUG, INFO, WARNING or ERROR"
+        )
+    return level
+
+
+def _not_the_bar_hint(record: logging.LogRecord) -> bool:
+    """False for Ray Data's "Progress bars disabled. To enable, set ..." (a warning, once per
+    process: three lines a run), which ``dssn`` chose (``RAY_DATA_DISABLE_PROGRESS_BARS``)."""
+    return not str(record.msg).startswith("Progress bars disabled")
+
+
+def quiet_console() -> bool:
+    """Ray Data's console handler at :func:`console_level`, and Ray Train's deprecation warning
+    about its own use of ``exclude_resources`` silenced, in this process.
+
+    Every execution of a stream (three a training epoch) logs "Starting execution", its plan
+    and "execution finished in N s" at INFO from its coordinator, streamed to the driver: ~12
+    lines an epoch between the training lines. They stay in Ray Data's log files
+    (``<session>/logs/ray-data/``); its warnings ("... may hang forever") stay on the
+    console, but for the hint that its progress bars are off. ``DSSN_RAY_DATA_CONSOLE=INFO`` shows them again; a ``RAY_DATA_LOGGING_CONFIG`` of
+    the user's own is left as it is. False where this Ray configures its logging otherwise."""
+    level = console_level()
+    warnings.filterwarnings("ignore", message=TRAIN_DEPRECATION)
+    try:
+        from ray.data._internal import logging as data_logging
+    except ImportError:
+        return False
+    progress = logging.getLogger("ray.data._internal.progress")
+    if logging.getLevelName(level) > logging.INFO and _not_the_bar_hint not in progress.filters:
+        progress.addFilter(_not_the_bar_hint)
+    console = getattr(data_logging, "DEFAULT_CONFIG", {}).get("handlers", {}).get("console")
+    if not isinstance(console, dict):
+        return False
+    if console.get("level") != level:
+        console["level"] = level  # every later configure_logging() reads this dict again
+        data_logging.configure_logging()
+    return True
+
+
 def runtime_env(env: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``env`` (a Ray runtime_env) with the setup hook that paces every worker process."""
-    return {**(env or {}), "worker_process_setup_hook": SETUP_HOOK}
+    """``env`` (a Ray runtime_env) with the setup hook that paces every worker process, and
+    ``DSSN_RAY_DATA_CONSOLE`` passed on where this process has it set."""
+    out = {**(env or {}), "worker_process_setup_hook": SETUP_HOOK}
+    if CONSOLE_ENV in os.environ:
+        out["env_vars"] = {**out.get("env_vars", {}), CONSOLE_ENV: os.environ[CONSOLE_ENV]}
+    return out
