@@ -10,7 +10,10 @@ Modes, side by side in one run:
   the labeled images too, state-dict EMA) -- the exact reference structure;
 - ``shortcuts``: every shortcut on (the config defaults);
 - on CUDA, and on CPUs with native bf16 (AVX512-BF16/AMX), also ``shortcuts+bf16+cl``: bf16
-  autocast and channels_last on top.
+  autocast and channels_last on top;
+- with ``--compile``, each of the fast modes again under ``torch.compile`` (student and teacher,
+  inductor's defaults), e.g. ``shortcuts+compile``. The compilation falls in the first
+  iteration, which the table's "first s" column shows (it is not in the medians).
 
 Each mode lives in its own process (so peak memory is the mode's own), and the processes take
 turns iteration by iteration, so that load from other processes on a shared machine falls on
@@ -62,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="auto", help="cpu | cuda | auto (cuda if available)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="add torch.compile modes")
     return p.parse_args(argv)
 
 
@@ -112,7 +116,8 @@ def time_mode(args: argparse.Namespace, mode: str, turn: Any, next_turn: Any) ->
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     fast = mode != "reference"
-    channels_last = mode.endswith("+cl")
+    channels_last = "+cl" in mode
+    compiled = mode.endswith("+compile")
     values = {
         "backbone": args.backbone,
         "num_classes": args.classes,
@@ -143,16 +148,20 @@ def time_mode(args: argparse.Namespace, mode: str, turn: Any, next_turn: Any) ->
             torch.cuda.synchronize(device)
         return time.perf_counter()
 
-    def iteration(it: int):
+    # compiled modules share the eager ones' parameters (the EMA updates the teacher in place)
+    nets = (torch.compile(student), torch.compile(ema.teacher)) if compiled else None
+
+    def iteration(it: int, eager: bool = False):
+        student_net, teacher_net = (student, ema.teacher) if eager or not compiled else nets
         with autocast:  # iteration >= 1: the full loss (no first-iteration rule)
-            loss, _ = step(student, ema.teacher, batch, cfg, iteration=it + 1)
+            loss, _ = step(student_net, teacher_net, batch, cfg, iteration=it + 1)
         return loss
 
     # one untimed iteration under the FLOP counter (in turn, like the timed ones): the work
-    # done, whatever the machine's load
+    # done, whatever the machine's load (eager: compiled code does the same operations)
     turn.acquire()
     with FlopCounterMode(display=False) as counter:
-        loss = iteration(0)
+        loss = iteration(0, eager=True)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
     optimizer.step()
@@ -163,6 +172,7 @@ def time_mode(args: argparse.Namespace, mode: str, turn: Any, next_turn: Any) ->
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     times: dict[str, list[float]] = {phase: [] for phase in (*PHASES, "total", "cpu")}
+    first = 0.0  # the first iteration's seconds: with torch.compile, the compilation
     for it in range(args.warmup + args.iters):
         turn.acquire()
         c0 = time.process_time()
@@ -178,6 +188,8 @@ def time_mode(args: argparse.Namespace, mode: str, turn: Any, next_turn: Any) ->
         t4 = sync()
         c4 = time.process_time()
         next_turn.release()
+        if it == 0:
+            first = t4 - t0
         if it >= args.warmup:
             marks = [(t0, t1), (t1, t2), (t2, t3), (t3, t4)]
             for phase, (a, b) in zip(PHASES, marks, strict=True):
@@ -188,7 +200,7 @@ def time_mode(args: argparse.Namespace, mode: str, turn: Any, next_turn: Any) ->
         peak = torch.cuda.max_memory_allocated(device)
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB
-    return {"times": times, "peak": peak, "flops": flops}
+    return {"times": times, "peak": peak, "flops": flops, "first": first}
 
 
 def _worker(args, mode, turn, next_turn, results) -> None:
@@ -207,6 +219,7 @@ def summarize(run: dict[str, Any], batch: int) -> dict[str, float]:
     result["best"] = min(run["times"]["total"])
     result["peak_mib"] = run["peak"] / MIB
     result["gflop"] = run["flops"] / GIGA
+    result["first"] = run["first"]
     return result
 
 
@@ -256,6 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     modes = ["reference", "shortcuts"]
     if args.device.startswith("cuda") or cpu_has_bf16():
         modes.append("shortcuts+bf16+cl")
+    if args.compile:
+        modes += [f"{mode}+compile" for mode in modes if mode != "reference"]
     print(
         f"DSSN step benchmark: {args.backbone}, crop {args.crop}, batch {args.batch} "
         f"(x3: labeled + unlabeled + mix), {args.classes} classes, device {args.device}, "
@@ -268,22 +283,22 @@ def main(argv: list[str] | None = None) -> None:
 
     base = results["reference"]
     header = (
-        f"{'mode':<20}{'img/s':>8}{'step ms':>10}{'fwd ms':>9}{'bwd ms':>9}{'opt ms':>9}"
+        f"{'mode':<28}{'img/s':>8}{'step ms':>10}{'fwd ms':>9}{'bwd ms':>9}{'opt ms':>9}"
         f"{'ema ms':>9}{'peak MiB':>10}{'speed-up':>10}{'best ms':>9}{'best x':>8}"
-        f"{'cpu ms':>9}{'cpu x':>7}{'GFLOP':>8}{'flop x':>8}"
+        f"{'cpu ms':>9}{'cpu x':>7}{'GFLOP':>8}{'flop x':>8}{'first s':>9}"
     )
     print(header)
     print("-" * len(header))
     for mode in modes:
         r = results[mode]
         print(
-            f"{mode:<20}{r['images_per_s']:>8.2f}{r['total'] * 1e3:>10.0f}"
+            f"{mode:<28}{r['images_per_s']:>8.2f}{r['total'] * 1e3:>10.0f}"
             f"{r['forward'] * 1e3:>9.0f}{r['backward'] * 1e3:>9.0f}{r['optimizer'] * 1e3:>9.0f}"
             f"{r['ema'] * 1e3:>9.1f}{r['peak_mib']:>10.0f}"
             f"{r['images_per_s'] / base['images_per_s']:>9.2f}x"
             f"{r['best'] * 1e3:>9.0f}{base['best'] / r['best']:>7.2f}x"
             f"{r['cpu'] * 1e3:>9.0f}{base['cpu'] / r['cpu']:>6.2f}x"
-            f"{r['gflop']:>8.1f}{base['gflop'] / r['gflop']:>7.2f}x"
+            f"{r['gflop']:>8.1f}{base['gflop'] / r['gflop']:>7.2f}x{r['first']:>9.1f}"
         )
     # other processes on a shared machine slow every mode: the load average says how much
     print(f"load average (1 min) before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f}")
