@@ -249,10 +249,12 @@ def fetch_metadata_inline() -> bool:
 
 def console_level() -> str:
     """The level named by ``DSSN_RAY_DATA_CONSOLE`` (default WARNING), checked."""
+    from dssn.config import ConfigError  # a ValueError the CLI prints in one line
+
     value = os.environ.get(CONSOLE_ENV, "WARNING")
     level = value.strip().upper()
     if not isinstance(logging.getLevelName(level), int):
-        raise ValueError(
+        raise ConfigError(
             f"{CONSOLE_ENV}={value!r} is not a logging level: use DEBUG, INFO, WARNING or ERROR"
         )
     return level
