@@ -71,9 +71,9 @@ TRAIN_DEPRECATION = r"`ExecutionOptions\.exclude_resources` is deprecated"
 
 
 def install() -> bool:
-    """Pace Ray Data's scheduling loop and floor its CPU budgets in this process (idempotent).
-    False when this Ray has no such loop (another version's internals): then nothing is
-    changed."""
+    """Pace Ray Data's scheduling loop and floor its CPU budgets in this process (idempotent),
+    with Ray Data's INFO lines off the console (:func:`quiet_console`). False when this Ray has
+    no such loop (another version's internals): then the loop is left as it is."""
     quiet_console()
     floor_cpu_budgets()
     wake_on_first_output()
@@ -271,11 +271,12 @@ def quiet_console() -> bool:
     about its own use of ``exclude_resources`` silenced, in this process.
 
     Every execution of a stream (three a training epoch) logs "Starting execution", its plan
-    and "execution finished in N s" at INFO from its coordinator, streamed to the driver: ~12
+    and "execution finished in N s" at INFO from its coordinator, streamed to the driver: ~9
     lines an epoch between the training lines. They stay in Ray Data's log files
-    (``<session>/logs/ray-data/``); its warnings ("... may hang forever") stay on the
-    console, but for the hint that its progress bars are off. ``DSSN_RAY_DATA_CONSOLE=INFO`` shows them again; a ``RAY_DATA_LOGGING_CONFIG`` of
-    the user's own is left as it is. False where this Ray configures its logging otherwise."""
+    (``<session>/logs/ray-data/``). Its warnings ("... may hang forever") stay on the console,
+    but for the hint that its progress bars are off. ``DSSN_RAY_DATA_CONSOLE=INFO`` shows the
+    INFO lines again; a ``RAY_DATA_LOGGING_CONFIG`` of the user's own is left as it is. False
+    where this Ray configures its logging otherwise."""
     level = console_level()
     warnings.filterwarnings("ignore", message=TRAIN_DEPRECATION)
     try:
