@@ -115,6 +115,16 @@ def test_killed_worker_run_resumes_from_the_checkpoint_iteration(main_run):
     assert m["iteration"] == EPOCHS * ITERS
 
 
+def test_a_local_ray_starts_no_preemption_watcher(main_run):
+    """One local node is never drained: the Train controller of a local Ray started by dssn
+    runs without its PreemptionWatcher actor (the state API lists dead actors too)."""
+    from ray.util.state import list_actors
+
+    controllers = list_actors(filters=[("class_name", "=", "TrainController")])
+    assert controllers  # the query sees the run's actors
+    assert list_actors(filters=[("class_name", "=", "PreemptionWatcher")]) == []
+
+
 def test_history_keeps_each_epoch_once_across_the_restart(main_run):
     _, run_dir, m = main_run
     records = history.read_csv(run_dir / history.HISTORY_CSV)

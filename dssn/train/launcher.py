@@ -26,6 +26,7 @@ from dssn.config import Config, ConfigError, from_dict
 MIN_FREE_DATA_CPUS = 1
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray processes' State API clients go
 WORKER_LIMIT_ENV = "RAY_num_workers_soft_limit"  # idle worker processes Ray keeps alive
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train's node-drain watcher
 IDLE_WORKERS = 8
 CONFIG_FILE = "config.yaml"
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # written by Ray Train V2 in the run dir
@@ -169,6 +170,10 @@ def start_local_ray(num_cpus: int, **kwargs) -> None:
     # Ray Data's progress bars, streamed from every worker to the driver, drown the training
     # log lines (which report images/s and data wait); set it to 0 to see them
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    # Ray Train 2.60 starts an actor per worker group that polls the GCS for nodes being drained
+    # (spot preemption); one local node is never drained. Its start also logs an "E ...
+    # core_worker.cc ... PreemptionWatcher ... max_restarts > 0" line. Clusters keep it.
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     init_ray(num_cpus=num_cpus, include_dashboard=True, dashboard_port=port, **kwargs)
 
 
