@@ -108,11 +108,10 @@ def test_ray_datas_info_lines_leave_the_console_and_stay_in_its_log_file(
     assert pacing.quiet_console() and console_handler().level == logging.INFO
 
 
-def test_a_bad_console_level_is_named():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(pacing.CONSOLE_ENV, "LOUD")
-        with pytest.raises(ValueError, match="DSSN_RAY_DATA_CONSOLE='LOUD' is not a logging level"):
-            pacing.quiet_console()
+def test_a_bad_console_level_is_named(monkeypatch):
+    monkeypatch.setenv(pacing.CONSOLE_ENV, "LOUD")
+    with pytest.raises(ValueError, match="DSSN_RAY_DATA_CONSOLE='LOUD' is not a logging level"):
+        pacing.quiet_console()
 
 
 def test_ray_trains_own_deprecation_warning_is_silenced_and_others_are_not(ray_data_console):

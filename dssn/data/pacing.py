@@ -262,7 +262,8 @@ def console_level() -> str:
 
 def _not_the_bar_hint(record: logging.LogRecord) -> bool:
     """False for Ray Data's "Progress bars disabled. To enable, set ..." (a warning, once per
-    process: three lines a run), which ``dssn`` chose (``RAY_DATA_DISABLE_PROGRESS_BARS``)."""
+    process: three lines a run). It is logged only where the bars are off, as a local Ray
+    started by ``dssn`` sets them (``RAY_DATA_DISABLE_PROGRESS_BARS``)."""
     return not str(record.msg).startswith("Progress bars disabled")
 
 
