@@ -35,11 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from dssn.config import ConfigError
+    from dssn.data.format import ShardError
 
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:
         print(f"dssn: config error: {e}", file=sys.stderr)
+        return 2
+    except ShardError as e:  # a missing or bad dataset.json / shard, named
+        print(f"dssn: data error: {e}", file=sys.stderr)
         return 2
 
 

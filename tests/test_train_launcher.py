@@ -84,3 +84,55 @@ def test_finished_run_is_the_checkpoint_with_every_epoch(tmp_path):
     assert latest_checkpoint_state(cfg)[1]["epoch"] == 2
     cfg.train.epochs = 3  # to be extended: not finished
     assert finished_run(cfg) is None
+
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml")
+
+
+def test_a_missing_dataset_is_named_before_ray_starts(tmp_path, capsys, monkeypatch):
+    from dssn.cli import main
+    from dssn.train import launcher
+
+    started = []
+    monkeypatch.setattr(launcher, "ensure_ray", lambda cfg: started.append(cfg) or False)
+
+    missing = tmp_path / "no-such-shards"
+    args = ["train", "--config", CONFIG, "--storage", str(tmp_path / "runs"), "--name", "x"]
+    assert main(args + [f"data.root={missing}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dssn: data error: ") and str(missing / "dataset.json") in err
+    assert "Traceback" not in err
+    assert started == []  # failed in the driver, before any Ray start
+    assert not (tmp_path / "runs").exists()  # and before the run directory was made
+
+
+def test_a_class_count_that_is_not_the_datasets_is_a_config_error(tiny_digits, tmp_path, capsys):
+    from dssn.cli import main
+
+    for command in ("train", "tune"):
+        args = [command, "--config", CONFIG, "--storage", str(tmp_path / command)]
+        assert main(args + [f"data.root={tiny_digits}", "model.num_classes=21"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("dssn: config error: model.num_classes=21, but "), err
+        assert "has 11 classes: set model.num_classes=11" in err
+        assert not (tmp_path / command).exists()
+
+
+def test_the_parts_a_method_reads_must_have_rows(tiny_digits, tmp_path):
+    import pytest
+
+    from dssn.config import load_config
+    from dssn.data.format import ShardError
+    from dssn.data.pipeline import check_training_data
+
+    info = json.loads((tiny_digits / "dataset.json").read_text())
+    assert (
+        check_training_data(load_config(CONFIG, [f"data.root={tiny_digits}"]))["counts"]
+        == (info["counts"])
+    )
+    info["counts"]["unlabeled"] = 0  # e.g. a folder prepared with every image labeled
+    (tmp_path / "dataset.json").write_text(json.dumps(info))
+    with pytest.raises(ShardError, match="'unlabeled' has no rows"):
+        check_training_data(load_config(CONFIG, [f"data.root={tmp_path}"]))
+    supervised = load_config(CONFIG, [f"data.root={tmp_path}", "method=supervised"])
+    assert check_training_data(supervised)["counts"]["unlabeled"] == 0  # it reads no unlabeled

@@ -198,6 +198,21 @@ def test_dssn_eval_reproduces_the_reported_miou(main_run, tiny_digits, tmp_path,
     assert "mIoU" in capsys.readouterr().out
 
 
+def test_eval_on_data_of_another_class_count_is_a_config_error(
+    main_run, tiny_digits, tmp_path, capsys
+):
+    _, run_dir, _ = main_run
+    info = json.loads((tiny_digits / "dataset.json").read_text())
+    info["classes"] += [f"extra{i}" for i in range(10)]  # a 21-class dataset
+    (tmp_path / "dataset.json").write_text(json.dumps(info))
+    final = latest_checkpoint(run_dir)
+    args = ["eval", "--checkpoint", str(final), "--data", str(tmp_path), "--out", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "model.num_classes=11, but" in err and "has 21 classes" in err
+    assert not (tmp_path / "eval.json").exists()
+
+
 def test_eval_on_a_reference_format_checkpoint(main_run, tiny_digits, tmp_path):
     config, run_dir, m = main_run
     final = latest_checkpoint(run_dir)

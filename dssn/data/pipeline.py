@@ -241,6 +241,40 @@ def shard_plan(root: str, part: str, count: int, rows_needed: int) -> list[dict[
 # ----------------------------------------------------------------------------- Ray datasets
 
 
+def check_classes(cfg: Any, info: dict) -> dict:
+    """``info`` (a dataset.json), if its class count is ``model.num_classes``; else a
+    ConfigError naming both. More classes in the data put targets out of the model's range;
+    fewer leave classes that never occur, and each one predicted anywhere scores 0 IoU."""
+    from dssn.config import ConfigError
+
+    classes = len(info["classes"])
+    if cfg.model.num_classes != classes:
+        raise ConfigError(
+            f"model.num_classes={cfg.model.num_classes}, but {cfg.data.root} ({info['name']}) "
+            f"has {classes} classes: set model.num_classes={classes}, or data.root to the "
+            "dataset the config is for"
+        )
+    return info
+
+
+def check_training_data(cfg: Any) -> dict:
+    """``cfg.data.root``'s dataset.json, checked against ``cfg`` before any Ray starts: the
+    class count is ``model.num_classes`` (ConfigError naming both), and the parts a run
+    reads have rows (ShardError naming the part). A mismatch would otherwise surface inside
+    a train worker, as a target out of range in the loss or a device-side assert."""
+    root = cfg.data.root
+    info = check_classes(cfg, fmt.read_dataset_info(root))
+    needed = ["labeled", "val"] + (["unlabeled"] if cfg.method != "supervised" else [])
+    empty = [part for part in needed if int(info["counts"].get(part, 0)) <= 0]
+    if empty:
+        raise fmt.ShardError(
+            f"{root}: {' and '.join(repr(p) for p in empty)} "
+            f"{'has' if len(empty) == 1 else 'have'} no rows (dataset.json counts "
+            f"{info['counts']}); method {cfg.method!r} needs {', '.join(needed)}"
+        )
+    return info
+
+
 def build_datasets(cfg: Any) -> dict[str, Any]:
     """Ray Datasets for training ("labeled", "unlabeled", "mix"; only "labeled" when
     ``cfg.method == "supervised"``) and "val" (decoded rows, for users of Ray Data; training

@@ -99,6 +99,7 @@ def train_command(args: argparse.Namespace) -> int:
     import ray
 
     from dssn.config import load_config
+    from dssn.data.pipeline import check_training_data
     from dssn.train.launcher import ensure_ray, finished_run, fit, run_dir
 
     cfg = load_config(args.config, train_overrides(args))
@@ -112,6 +113,7 @@ def train_command(args: argparse.Namespace) -> int:
             flush=True,
         )
         return summarise(state["metrics"], directory, cfg)
+    check_training_data(cfg)  # a wrong data.root or class count: one line, before Ray starts
     started = ensure_ray(cfg)
     try:
         result = fit(cfg, resume=not args.no_resume)
@@ -155,7 +157,8 @@ def summarise(metrics: dict, checkpoint_dir: str | None, cfg) -> int:
 def eval_command(args: argparse.Namespace) -> int:
     import torch
 
-    from dssn.data.pipeline import iter_val_samples
+    from dssn.data.format import read_dataset_info
+    from dssn.data.pipeline import check_classes, iter_val_samples
     from dssn.train.evaluate import evaluate
     from dssn.train.inference import dataset_info, load_for_inference
     from dssn.train.tables import class_names_for, iou_rows, to_text, write_tables
@@ -163,6 +166,7 @@ def eval_command(args: argparse.Namespace) -> int:
     loaded = load_for_inference(args.checkpoint, args.config, args.overrides)
     cfg = loaded.cfg
     cfg.data.root = args.data
+    check_classes(cfg, read_dataset_info(args.data))  # the model's classes are the data's
     cfg.data.eval_mode = args.mode or cfg.data.eval_mode
     cfg.data.eval_crop = args.crop or cfg.data.eval_crop
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -68,9 +68,11 @@ def tune_command(args: argparse.Namespace) -> int:
     if args.print_space:
         print(format_space(cfg))
         return 0
+    from dssn.data.pipeline import check_training_data
     from dssn.tune.results import report, summarize
     from dssn.tune.tuner import run_search
 
+    check_training_data(cfg)  # every trial reads it: a wrong root or class count fails here
     try:
         path = run_search(cfg, resume=args.resume)
     except (FileExistsError, FileNotFoundError) as e:
