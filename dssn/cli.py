@@ -45,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     except ShardError as e:  # a missing or bad dataset.json / shard, named
         print(f"dssn: data error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a checkpoint that is missing or does not fit, named
+        checkpoint = sys.modules.get("dssn.train.checkpoint")  # imported where one is loaded
+        if checkpoint is None or not isinstance(e, checkpoint.CheckpointError):
+            raise
+        print(f"dssn: checkpoint error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

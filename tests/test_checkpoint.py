@@ -110,6 +110,21 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path):
         ckpt.read_state(tmp_path)
 
 
+def test_the_cli_names_a_bad_checkpoint_in_one_line(tmp_path, capsys):
+    from dssn.cli import main
+
+    missing = tmp_path / "no-such-checkpoint"
+    for command in (
+        ["eval", "--data", str(tmp_path)],
+        ["predict", "--images", str(tmp_path), "--out", str(tmp_path / "o")],
+    ):
+        assert main([command[0], "--checkpoint", str(missing), *command[1:]]) == 2
+        err = capsys.readouterr().err
+        assert err == f"dssn: checkpoint error: checkpoint not found: {missing}\n"
+    assert main(["eval", "--checkpoint", str(tmp_path), "--data", str(tmp_path)]) == 2
+    assert "not a dssn checkpoint directory" in capsys.readouterr().err
+
+
 def test_rng_round_trip():
     state = ckpt.capture_rng()
     expected = (torch.rand(3), np.random.rand(3), random.random())

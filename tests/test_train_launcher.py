@@ -43,6 +43,29 @@ def test_run_dir_name_and_saved_config(tmp_path):
     assert run_exists(cfg)
 
 
+def test_continuing_with_other_settings_keeps_the_earlier_config_and_names_the_keys(
+    tmp_path, capsys
+):
+    import yaml
+
+    cfg = Config()
+    cfg.train.storage, cfg.train.name = str(tmp_path), "run"
+    save_config(cfg)
+    save_config(cfg)  # the same settings: nothing kept, nothing printed
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml"]
+    assert capsys.readouterr().out == ""
+    cfg.train.epochs, cfg.optim.lr = cfg.train.epochs + 10, 0.5
+    save_config(cfg)
+    out = capsys.readouterr().out
+    kept = [p for p in (tmp_path / "run").iterdir() if p.name.startswith("config-before-")]
+    assert len(kept) == 1 and f"the earlier config kept as {kept[0].name}" in out
+    assert f"  train.epochs: {cfg.train.epochs - 10} -> {cfg.train.epochs}" in out
+    assert "  optim.lr: " in out and "-> 0.5" in out
+    assert len(out.strip().splitlines()) == 3  # the heading and the two keys
+    assert yaml.safe_load(kept[0].read_text())["optim"]["lr"] != 0.5
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["optim"]["lr"] == 0.5
+
+
 def test_cli_flags_become_overrides_after_positional_ones():
     args = argparse.Namespace(
         overrides=["train.epochs=3"], workers=2, gpus_per_worker=None, cpus_per_worker=0.5,

@@ -260,6 +260,35 @@ def test_predict_writes_coloured_masks_and_overlays(main_run, tiny_digits, tmp_p
         assert (out / f"scene{i}_overlay.png").is_file()
 
 
+def test_predict_skips_and_names_unreadable_images_and_draws_the_rest(main_run, tmp_path, capsys):
+    _, run_dir, _ = main_run
+    images = tmp_path / "images"
+    images.mkdir()
+    array = np.random.default_rng(1).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    Image.fromarray(array).save(images / "a.png")
+    Image.fromarray(array).save(images / "a.jpg")  # same stem: neither overwrites the other
+    Image.fromarray(array).save(images / "b.jpg")
+    data = (images / "b.jpg").read_bytes()
+    (images / "b.jpg").write_bytes(data[: len(data) // 2])  # truncated JPEG
+    (images / "c.png").write_bytes(b"not a png at all")
+    out = tmp_path / "pred"
+    final = latest_checkpoint(run_dir)
+    args = ["predict", "--checkpoint", str(final), "--images", str(images), "--out", str(out)]
+    assert main(args) == 1  # some images could not be read
+    captured = capsys.readouterr()
+    assert f"skipped {images / 'b.jpg'}: not a readable image" in captured.out
+    assert f"skipped {images / 'c.png'}: not a readable image" in captured.out
+    assert ": 2 images -> 4 PNGs in " in captured.out
+    assert f"2 of 4 images could not be read: {images / 'b.jpg'}, {images / 'c.png'}" in (
+        captured.err
+    )
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a.jpg_mask.png", "a.jpg_overlay.png", "a.png_mask.png", "a.png_overlay.png",
+    ]  # fmt: skip
+    assert main([*args[:3], "--images", str(tmp_path / "none"), "--out", str(out)]) == 2
+    assert "image directory not found" in capsys.readouterr().err
+
+
 def test_nan_error_names_the_step_and_keeps_the_last_checkpoint(
     ray_instance, tiny_digits, tmp_path
 ):

@@ -222,10 +222,19 @@ def predict_command(args: argparse.Namespace) -> int:
               f"{sorted(loaded.models)}", file=sys.stderr)  # fmt: skip
         return 2
     palette = palette_for(loaded.cfg.model.num_classes, dataset_info(loaded))
-    images = list_images(args.images)
-    written = predict_folder(
+    try:
+        images = list_images(args.images)
+    except FileNotFoundError as e:
+        print(f"dssn predict: {e}", file=sys.stderr)
+        return 2
+    done = predict_folder(
         loaded.models[args.model], images, args.out, loaded.cfg, palette, args.mode
     )
-    print(f"{args.model} of {loaded.source}: {len(images)} images -> {len(written)} PNGs in "
+    drawn = len(images) - len(done.skipped)
+    print(f"{args.model} of {loaded.source}: {drawn} images -> {len(done.written)} PNGs in "
           f"{args.out}")  # fmt: skip
+    if done.skipped:  # the rest are drawn; the status tells a script that some were not
+        print(f"dssn predict: {len(done.skipped)} of {len(images)} images could not be read: "
+              + ", ".join(str(path) for path, _ in done.skipped), file=sys.stderr)  # fmt: skip
+        return 1
     return 0

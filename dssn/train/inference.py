@@ -148,6 +148,23 @@ def predict_image(model: nn.Module, image: np.ndarray, cfg: Config, mode: str) -
     return pred[0].cpu().numpy().astype(np.int64)
 
 
+def output_stems(images: list[Path]) -> dict[Path, str]:
+    """The name each image's outputs start with: its stem, or its whole file name where two
+    images share a stem (``a.jpg`` and ``a.png`` -> ``a.jpg_mask.png``, ``a.png_mask.png``)."""
+    counts: dict[str, int] = {}
+    for path in images:
+        counts[path.stem] = counts.get(path.stem, 0) + 1
+    return {path: path.stem if counts[path.stem] == 1 else path.name for path in images}
+
+
+@dataclass
+class Predicted:
+    """What :func:`predict_folder` wrote, and the images it could not read (path, reason)."""
+
+    written: list[Path]
+    skipped: list[tuple[Path, str]]
+
+
 def predict_folder(
     model: nn.Module,
     images: list[Path],
@@ -155,17 +172,36 @@ def predict_folder(
     cfg: Config,
     palette: np.ndarray,
     mode: str = "original",
-) -> list[Path]:
-    """Write ``<stem>_mask.png`` (colours) and ``<stem>_overlay.png`` for every image."""
+    progress_s: float | None = 10.0,
+) -> Predicted:
+    """Write ``<stem>_mask.png`` (colours) and ``<stem>_overlay.png`` for every image
+    (:func:`output_stems`). An image that does not decode is skipped, named on the console
+    and returned in ``skipped``; the others are still drawn. Every ``progress_s`` seconds a
+    line gives the count done and the rate (None: silent)."""
+    import time
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for path in images:
-        with Image.open(path) as im:
-            image = np.array(im.convert("RGB"))  # a writable copy for torch
+    stems = output_stems(images)
+    done = Predicted([], [])
+    start = last = time.monotonic()
+    for index, path in enumerate(images, 1):
+        try:
+            with Image.open(path) as im:
+                image = np.array(im.convert("RGB"))  # a writable copy for torch
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            done.skipped.append((path, f"{type(e).__name__}: {e}"))
+            print(f"dssn predict: skipped {path}: not a readable image ({e})", flush=True)
+            continue
         colours = colorize(predict_image(model, image, cfg, mode), palette)
         for suffix, array in (("mask", colours), ("overlay", overlay(image, colours))):
-            target = out_dir / f"{path.stem}_{suffix}.png"
+            target = out_dir / f"{stems[path]}_{suffix}.png"
             Image.fromarray(array, "RGB").save(target)
-            written.append(target)
-    return written
+            done.written.append(target)
+        now = time.monotonic()
+        if progress_s is not None and now - last >= progress_s and index < len(images):
+            rate = index / (now - start)
+            print(f"predict: {index}/{len(images)} images, {rate:.1f}/s, "
+                  f"{(len(images) - index) / rate:.0f}s left", flush=True)  # fmt: skip
+            last = now
+    return done

@@ -107,12 +107,44 @@ def finished_run(cfg: Config) -> tuple[str, dict[str, Any]] | None:
 
 
 def save_config(cfg: Config) -> str:
-    """Write the resolved config as ``<run_dir>/config.yaml``; return its path."""
+    """Write the resolved config as ``<run_dir>/config.yaml``; return its path. A config the
+    run was started (or last continued) with that differs is kept first, as
+    ``config-before-<UTC time>.yaml``, and the changed keys are printed."""
+    import time
+
+    import yaml
+
     fs, path = _fs(run_dir(cfg))
     fs.create_dir(path, recursive=True)
-    with fs.open_output_stream(f"{path}/{CONFIG_FILE}") as f:
+    target = f"{path}/{CONFIG_FILE}"
+    if fs.get_file_info(target).type == pafs.FileType.File:
+        with fs.open_input_stream(target) as f:
+            earlier = f.read()
+        changes = config_changes(yaml.safe_load(earlier) or {}, yaml.safe_load(cfg.to_yaml()))
+        if changes:
+            kept = f"config-before-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.yaml"
+            with fs.open_output_stream(f"{path}/{kept}") as f:
+                f.write(earlier)
+            print(f"dssn: {run_dir(cfg)} continues with other settings than it ran with "
+                  f"(the earlier config kept as {kept}):", flush=True)  # fmt: skip
+            for line in changes:
+                print(f"  {line}", flush=True)
+    with fs.open_output_stream(target) as f:
         f.write(cfg.to_yaml().encode())
     return f"{run_dir(cfg)}/{CONFIG_FILE}"
+
+
+def config_changes(earlier: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf of two config dicts that differs (keys in one only
+    count as changed), in the order of ``now``."""
+    out = []
+    for key in list(now) + [k for k in earlier if k not in now]:
+        old, new = earlier.get(key, "(unset)"), now.get(key, "(unset)")
+        if isinstance(old, dict) and isinstance(new, dict):
+            out += config_changes(old, new, f"{prefix}{key}.")
+        elif old != new:
+            out.append(f"{prefix}{key}: {old!r} -> {new!r}")
+    return out
 
 
 def train_cpus(cfg: Config) -> float:

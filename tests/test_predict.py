@@ -1,0 +1,36 @@
+"""``predict_folder`` without Ray: output names and the progress line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dssn.config import Config
+from dssn.data.format import default_palette
+from dssn.model import build_model
+from dssn.train.inference import output_stems, predict_folder
+
+
+def test_outputs_keep_the_stem_unless_two_images_share_it():
+    paths = [Path("x/a.png"), Path("x/a.jpg"), Path("x/b.jpeg")]
+    assert output_stems(paths) == {paths[0]: "a.png", paths[1]: "a.jpg", paths[2]: "b"}
+
+
+def test_a_progress_line_names_the_count_and_the_rate(tmp_path, capsys):
+    cfg = Config()
+    cfg.model.backbone, cfg.model.width, cfg.model.num_classes = "tiny", 8, 3
+    model = build_model(cfg.model).eval()
+    images = []
+    for i in range(3):
+        images.append(tmp_path / f"s{i}.png")
+        Image.fromarray(np.full((24, 32, 3), 40 * i, np.uint8)).save(images[-1])
+    palette = np.array(default_palette(3), np.uint8)
+    done = predict_folder(model, images, tmp_path / "out", cfg, palette, progress_s=0.0)
+    assert len(done.written) == 6 and done.skipped == []
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(",")[0] for line in lines] == ["predict: 1/3 images", "predict: 2/3 images"]
+    assert lines[0].endswith("s left")  # the rate and the time left follow
+    predict_folder(model, images[:1], tmp_path / "out", cfg, palette, progress_s=None)
+    assert capsys.readouterr().out == ""
