@@ -71,6 +71,20 @@ def test_configs_are_found_away_from_the_repository(tmp_path, monkeypatch):
     assert find_config("voc_r101.yaml") == ROOT / "configs" / "voc_r101.yaml"
 
 
+def test_a_script_checks_the_shards_before_any_trial(tmp_path, capsys, monkeypatch):
+    from dssn.tune import experiment
+
+    monkeypatch.setattr(experiment, "connect", lambda address: pytest.fail("Ray was joined"))
+    missing = tmp_path / "shards"
+    argv = ["--data", str(missing), "--split", "92", "--storage", str(tmp_path / "runs")]
+    assert experiment.main("voc_r101.yaml", True, "test", argv) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"data error: {missing}/voc-92/dataset.json: not found (prepare the dataset with `dssn prepare`)\n"
+    )
+
+
 def test_smoke_config_is_tiny_and_uses_generated_digits(tmp_path):
     args = parse(True, "--smoke-test", "--storage", str(tmp_path))
     cfg = build_config("voc_r101.yaml", args, tune=True)

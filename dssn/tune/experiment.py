@@ -207,10 +207,17 @@ def main(config_name: str, tune: bool, description: str, argv: list[str] | None 
     args = build_parser(description, tune).parse_args(argv)
     if args.smoke_test and not args.storage and not os.environ.get(ENV_STORAGE):
         args.storage = tempfile.mkdtemp(prefix="dssn-smoke-")
+    from dssn.data.format import ShardError
+    from dssn.data.pipeline import check_training_data
+
     try:
         cfg = build_config(config_name, args, tune)
+        check_training_data(cfg)  # the shards against the config, before any trial starts
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except ShardError as e:
+        print(f"data error: {e}", file=sys.stderr)
         return 2
     if not args.smoke_test and not args.data and cfg.data.root == Config().data.root:
         print(f"note: no --data given; using data.root={cfg.data.root}", flush=True)
