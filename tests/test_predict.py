@@ -34,3 +34,13 @@ def test_a_progress_line_names_the_count_and_the_rate(tmp_path, capsys):
     assert lines[0].endswith("s left")  # the rate and the time left follow
     predict_folder(model, images[:1], tmp_path / "out", cfg, palette, progress_s=None)
     assert capsys.readouterr().out == ""
+
+
+def test_progress_lines_pass_the_items_through(capsys):
+    from dssn.train.inference import with_progress
+
+    assert list(with_progress(iter("abc"), 3, "eval", every_s=0.0)) == ["a", "b", "c"]
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(",")[0] for line in lines] == ["eval: 1/3 images", "eval: 2/3 images"]
+    assert list(with_progress(iter("abc"), 3, "eval", every_s=3600.0)) == ["a", "b", "c"]
+    assert capsys.readouterr().out == ""  # not yet due

@@ -160,21 +160,21 @@ def eval_command(args: argparse.Namespace) -> int:
     from dssn.data.format import read_dataset_info
     from dssn.data.pipeline import check_classes, iter_val_samples
     from dssn.train.evaluate import evaluate
-    from dssn.train.inference import dataset_info, load_for_inference
+    from dssn.train.inference import dataset_info, load_for_inference, with_progress
     from dssn.train.tables import class_names_for, iou_rows, to_text, write_tables
 
     loaded = load_for_inference(args.checkpoint, args.config, args.overrides)
     cfg = loaded.cfg
     cfg.data.root = args.data
-    check_classes(cfg, read_dataset_info(args.data))  # the model's classes are the data's
+    info = check_classes(cfg, read_dataset_info(args.data))  # the model's classes: the data's
     cfg.data.eval_mode = args.mode or cfg.data.eval_mode
     cfg.data.eval_crop = args.crop or cfg.data.eval_crop
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = {name: m.to(device) for name, m in loaded.models.items()}
     samples = iter_val_samples(cfg, shard="val", rank=0, world_size=1)  # every row, no Ray
-    results = evaluate(models, samples, cfg, device)
-    info = dataset_info(loaded)
-    names = class_names_for(cfg.model.num_classes, info)
+    total = int(info["counts"].get("val", 0))
+    results = evaluate(models, with_progress(samples, total, "eval"), cfg, device)
+    names = class_names_for(cfg.model.num_classes, dataset_info(loaded))
     rows = iou_rows(names, {name: r.iou for name, r in results.items()})
     any_result = next(iter(results.values()))
     print(f"{loaded.source}: {any_result.images} val images of {args.data}, mode "

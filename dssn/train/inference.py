@@ -7,6 +7,8 @@ state_dict}`` with DDP ``module.`` prefixes; a config must then be given for the
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ REFERENCE_TEACHER_KEYS = ("model_ema", "ema_model", "teacher", "model_teacher")
 REFERENCE_STUDENT_KEY = "model"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 OVERLAY_ALPHA = 0.5  # weight of the mask colour in an overlay
+PROGRESS_S = 10.0  # seconds between progress lines of eval / predict
 
 
 @dataclass
@@ -165,6 +168,22 @@ class Predicted:
     skipped: list[tuple[Path, str]]
 
 
+def with_progress(
+    items: Iterable[Any], total: int, label: str, every_s: float | None = PROGRESS_S
+) -> Iterator[Any]:
+    """``items``, with a line every ``every_s`` seconds (None: silent) as they are used:
+    ``<label>: i/total images, <rate>/s, <n>s left``."""
+    start = last = time.monotonic()
+    for index, item in enumerate(items):
+        now = time.monotonic()
+        if every_s is not None and 0 < index < total and now - last >= every_s:
+            rate = index / max(now - start, 1e-9)
+            print(f"{label}: {index}/{total} images, {rate:.1f}/s, "
+                  f"{(total - index) / rate:.0f}s left", flush=True)  # fmt: skip
+            last = now
+        yield item
+
+
 def predict_folder(
     model: nn.Module,
     images: list[Path],
@@ -172,20 +191,16 @@ def predict_folder(
     cfg: Config,
     palette: np.ndarray,
     mode: str = "original",
-    progress_s: float | None = 10.0,
+    progress_s: float | None = PROGRESS_S,
 ) -> Predicted:
     """Write ``<stem>_mask.png`` (colours) and ``<stem>_overlay.png`` for every image
     (:func:`output_stems`). An image that does not decode is skipped, named on the console
-    and returned in ``skipped``; the others are still drawn. Every ``progress_s`` seconds a
-    line gives the count done and the rate (None: silent)."""
-    import time
-
+    and returned in ``skipped``; the others are still drawn. Progress: :func:`with_progress`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stems = output_stems(images)
     done = Predicted([], [])
-    start = last = time.monotonic()
-    for index, path in enumerate(images, 1):
+    for path in with_progress(images, len(images), "predict", progress_s):
         try:
             with Image.open(path) as im:
                 image = np.array(im.convert("RGB"))  # a writable copy for torch
@@ -198,10 +213,4 @@ def predict_folder(
             target = out_dir / f"{stems[path]}_{suffix}.png"
             Image.fromarray(array, "RGB").save(target)
             done.written.append(target)
-        now = time.monotonic()
-        if progress_s is not None and now - last >= progress_s and index < len(images):
-            rate = index / (now - start)
-            print(f"predict: {index}/{len(images)} images, {rate:.1f}/s, "
-                  f"{(len(images) - index) / rate:.0f}s left", flush=True)  # fmt: skip
-            last = now
     return done
