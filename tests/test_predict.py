@@ -44,3 +44,19 @@ def test_progress_lines_pass_the_items_through(capsys):
     assert [line.split(",")[0] for line in lines] == ["eval: 1/3 images", "eval: 2/3 images"]
     assert list(with_progress(iter("abc"), 3, "eval", every_s=3600.0)) == ["a", "b", "c"]
     assert capsys.readouterr().out == ""  # not yet due
+
+
+def test_images_are_a_folders_image_files_or_one_file(tmp_path):
+    import pytest
+
+    from dssn.train.inference import list_images
+
+    for name in ("b.JPG", "a.png", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert list_images(tmp_path) == [tmp_path / "a.png", tmp_path / "b.JPG"]
+    assert list_images(tmp_path / "a.png") == [tmp_path / "a.png"]
+    with pytest.raises(FileNotFoundError, match="not an image folder or image file"):
+        list_images(tmp_path / "notes.txt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no images"):
+        list_images(tmp_path / "empty")

@@ -286,7 +286,7 @@ def test_predict_skips_and_names_unreadable_images_and_draws_the_rest(main_run, 
         "a.jpg_mask.png", "a.jpg_overlay.png", "a.png_mask.png", "a.png_overlay.png",
     ]  # fmt: skip
     assert main([*args[:3], "--images", str(tmp_path / "none"), "--out", str(out)]) == 2
-    assert "image directory not found" in capsys.readouterr().err
+    assert "not an image folder or image file" in capsys.readouterr().err
 
 
 def test_nan_error_names_the_step_and_keeps_the_last_checkpoint(

@@ -53,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("predict", help="coloured masks and overlays for a folder of images")
     _checkpoint_args(p)
-    p.add_argument("--images", required=True, help="folder of .png/.jpg images")
+    p.add_argument("--images", required=True, help="a folder of .png/.jpg/.bmp images, or one")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--model", choices=("teacher", "student"), default="teacher")
     p.add_argument("--mode", choices=("original", "sliding_window"), default="original")

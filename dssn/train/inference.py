@@ -129,10 +129,13 @@ def overlay(image: np.ndarray, colours: np.ndarray, alpha: float = OVERLAY_ALPHA
 
 
 def list_images(directory: str | Path) -> list[Path]:
-    """Image files (png, jpg, bmp) directly in ``directory``, sorted."""
+    """Image files (png, jpg, bmp) directly in ``directory``, sorted; or ``directory`` itself
+    when it is one such file."""
     directory = Path(directory)
+    if directory.is_file() and directory.suffix.lower() in IMAGE_SUFFIXES:
+        return [directory]
     if not directory.is_dir():
-        raise FileNotFoundError(f"image directory not found: {directory}")
+        raise FileNotFoundError(f"not an image folder or image file: {directory}")
     images = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {directory}")
