@@ -185,6 +185,56 @@ def test_folder_round_trip(tmp_path):
     assert fmt.read_dataset_info(out2)["counts"] == {"labeled": 1, "unlabeled": 3, "val": 1}
 
 
+def test_folder_of_rgb_colour_masks_reads_classes_by_colour(tmp_path, capsys):
+    images, masks, classes, val = make_folder(tmp_path)
+    colours = np.array([[0, 0, 0], [255, 0, 0], [0, 0, 255], [255, 255, 255]], np.uint8)
+    ids = {}
+    for name in ("a", "b", "c"):  # the same scenes as colour masks; white is 'ignore'
+        ids[name] = np.random.default_rng(ord(name)).integers(0, 4, (12, 10))
+        Image.fromarray(colours[ids[name]], "RGB").save(masks / f"{name}.png")
+    classes.write_text(classes.read_text() + "ignore 255 255 255\n")
+    out = tmp_path / "shards"
+    assert main(folder_args(images, masks, classes, val, out)) == 0
+    info = fmt.read_dataset_info(out)
+    assert info["classes"] == ["background", "red thing", "blue"]  # 'ignore' is no class
+    rows = {r["id"]: r for part in ("labeled", "val") for r in fmt.iter_rows(out, part)}
+    assert set(rows) == {"a", "b", "c"}
+    for name, row in rows.items():
+        expected = np.where(ids[name] == 3, 255, ids[name])
+        np.testing.assert_array_equal(fmt.decode_mask(row["mask"]), expected)
+
+    Image.fromarray(np.full((12, 10, 3), 7, np.uint8), "RGB").save(masks / "b.png")
+    out2 = tmp_path / "shards2"
+    capsys.readouterr()
+    assert main(folder_args(images, masks, classes, val, out2)) == 1
+    err = capsys.readouterr().err
+    assert f"{masks / 'b.png'}: mask colours [7, 7, 7] (120 px) are not in the classes file" in err
+
+    classes.write_text("background\nred thing\nblue\n")  # no colours: RGB masks are ambiguous
+    assert main(folder_args(images, masks, classes, val, tmp_path / "shards3")) == 1
+    err = capsys.readouterr().err
+    assert "mask has mode 'RGB'" in err and "classes file gives every class its colour" in err
+
+
+def test_classes_file_colours_are_checked():
+    with pytest.raises(prepare.PrepareError, match="given twice"):
+        prepare.read_class_table(write_tmp("a 1 2 3\nb 1 2 3\n"))
+    with pytest.raises(prepare.PrepareError, match="on every line or on none"):
+        prepare.read_class_table(write_tmp("a\nb\nignore 9 9 9\n"))
+    names, palette, table = prepare.read_class_table(write_tmp("a 1 2 3\nb 4 5 6\nIgnore 0 0 0\n"))
+    assert names == ["a", "b"] and palette == [[1, 2, 3], [4, 5, 6]]
+    assert table == {(1, 2, 3): 0, (4, 5, 6): 1, (0, 0, 0): 255}
+    assert prepare.read_class_table(write_tmp("a\nb\n"))[2] is None
+
+
+def write_tmp(text: str) -> Path:
+    import tempfile
+
+    path = Path(tempfile.mkdtemp()) / "classes.txt"
+    path.write_text(text)
+    return path
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 

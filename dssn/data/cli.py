@@ -41,11 +41,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     folder = kinds.add_parser("folder", help="any folder of images (+ PNG masks)")
     folder.add_argument("--images", required=True, help="image folder (searched recursively)")
-    folder.add_argument("--masks", help="mask folder: <same relative name>.png, uint8 ids")
+    folder.add_argument(
+        "--masks", help="mask folder: <same relative name>.png, class ids (or RGB colours)"
+    )
     folder.add_argument("--labeled-list", help="images that are labeled (default: all with masks)")
     folder.add_argument("--val-list", required=True, help="images to evaluate on (need masks)")
     folder.add_argument(
-        "--classes", required=True, help="one class name per line, optionally 'name r g b'"
+        "--classes",
+        required=True,
+        help="one class name per line, optionally 'name r g b' (then RGB colour masks are "
+        "read by colour; 'ignore r g b' lines name ignored colours)",
     )
     _common_args(folder)
     folder.set_defaults(func=_prepare_folder)

@@ -8,7 +8,8 @@ turns it into shards, in parallel, verifying every sample::
     summary.ok        # False if a labeled or val sample was bad (dataset.json not written)
 
 Checks per sample: the image decodes; for labeled / val rows the mask file exists, decodes
-(palette PNGs give their index values), has the image's size and only values in
+(palette PNGs give their index values; RGB colour masks of a folder whose classes file gives
+each class its colour, their classes by colour), has the image's size and only values in
 [0, num_classes) or 255. A bad labeled / val sample is reported by path and its shard is not
 written (fix it and re-run: finished shards are kept). A bad unlabeled image is skipped and
 counted (``dataset.json`` "skipped", and in the shard's footer so a re-run still knows).
@@ -86,6 +87,8 @@ class Plan:
     source: dict[str, Any]
     split: str | None
     parts: dict[str, list[Sample]]
+    # (r, g, b) -> class id (255: ignore) for RGB colour masks; None: masks hold class ids
+    mask_colours: dict[tuple[int, int, int], int] | None = None
 
 
 @dataclass
@@ -223,26 +226,51 @@ def cityscapes_plan(
 # ----------------------------------------------------------------------------- custom folder
 
 
+IGNORE_NAME = "ignore"  # a classes-file line 'ignore r g b': that mask colour becomes 255
+
+
 def read_classes_file(path: str | Path) -> tuple[list[str], list[list[int]]]:
     """Class names, one per line; optional colour as 'name r g b' (all lines or none)."""
-    names, colours = [], []
+    names, palette, _ = read_class_table(path)
+    return names, palette
+
+
+def read_class_table(
+    path: str | Path,
+) -> tuple[list[str], list[list[int]], dict[tuple[int, int, int], int] | None]:
+    """(class names, palette, mask colours) of a classes file: one class per line, optionally
+    'name r g b' (on all lines or none). With colours, RGB masks are read by colour: the
+    third item maps each class's colour to its id, and lines 'ignore r g b' (not classes) map
+    their colours to 255; without, it is None."""
+    names, colours, ignored = [], [], []
     for lineno, tokens in enumerate(read_list_file(path, "classes file"), 1):
         tail = tokens[-3:]
         if len(tokens) >= 4 and all(t.isdigit() for t in tail):
             rgb = [int(t) for t in tail]
             if max(rgb) > 255:
                 raise PrepareError(f"{path}:{lineno}: colour values must be 0..255")
-            names.append(" ".join(tokens[:-3]))
+            name = " ".join(tokens[:-3])
+            if name.lower() == IGNORE_NAME:
+                ignored.append(tuple(rgb))
+                continue
+            names.append(name)
             colours.append(rgb)
         else:
             names.append(" ".join(tokens))
-    if colours and len(colours) != len(names):
+    if (colours or ignored) and len(colours) != len(names):
         raise PrepareError(f"{path}: give a colour on every line or on none")
     if not 2 <= len(names) <= MAX_CLASSES:
         raise PrepareError(f"{path}: {len(names)} classes; expected 2..{MAX_CLASSES}")
     if len(set(names)) != len(names):
         raise PrepareError(f"{path}: duplicate class names")
-    return names, colours or fmt.default_palette(len(names))
+    if not colours:
+        return names, fmt.default_palette(len(names)), None
+    table: dict[tuple[int, int, int], int] = {}
+    for value, rgb in [*enumerate(map(tuple, colours)), *((IGNORE_INDEX, c) for c in ignored)]:
+        if rgb in table:
+            raise PrepareError(f"{path}: colour {list(rgb)} is given twice")
+        table[rgb] = value
+    return names, colours, table
 
 
 def _image_keys(images: Path) -> dict[str, Path]:
@@ -285,7 +313,7 @@ def folder_plan(
         raise PrepareError(f"images directory not found: {images}")
     if masks is not None and not Path(masks).is_dir():
         raise PrepareError(f"masks directory not found: {masks}")
-    classes, palette = read_classes_file(classes_file)
+    classes, palette, mask_colours = read_class_table(classes_file)
     keys = _image_keys(images)
     if not keys:
         raise PrepareError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {images}")
@@ -317,13 +345,65 @@ def folder_plan(
             "unlabeled": [Sample(k, str(keys[k])) for k in keys if k not in taken],
             "val": [Sample(k, str(keys[k]), mask_of(k)) for k in val],
         },
+        mask_colours=mask_colours,
     )
 
 
 # ----------------------------------------------------------------------------- one sample
 
 
-def load_sample(sample: Sample, num_classes: int, labeled: bool) -> dict[str, Any]:
+def mask_from_colours(rgb: np.ndarray, colours: dict[tuple[int, int, int], int]) -> np.ndarray:
+    """(H, W, 3) uint8 colour mask -> (H, W) uint8 class ids by ``colours``; ValueError naming
+    the colours it does not know (the commonest first, with their pixel counts)."""
+    keys = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
+    found, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    known = {(r << 16) | (g << 8) | b: v for (r, g, b), v in colours.items()}
+    unknown = [i for i, key in enumerate(found) if int(key) not in known]
+    if unknown:
+        unknown.sort(key=lambda i: -counts[i])
+        named = ", ".join(
+            f"[{k >> 16}, {(k >> 8) & 255}, {k & 255}] ({counts[i]} px)"
+            for i, k in ((i, int(found[i])) for i in unknown[:5])
+        )
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise ValueError(
+            f"mask colours {named}{more} are not in the classes file (add them as classes, or "
+            f"as '{IGNORE_NAME} r g b' lines)"
+        )
+    values = np.array([known[int(key)] for key in found], dtype=np.uint8)
+    return values[inverse.reshape(keys.shape)]
+
+
+def decode_sample_mask(data: bytes, colours: dict[tuple[int, int, int], int] | None) -> np.ndarray:
+    """Mask bytes -> (H, W) uint8 class ids: :func:`fmt.decode_mask` (palette / grayscale
+    PNGs), or by ``colours`` for an RGB(A) image."""
+    if colours is not None:
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                if im.mode in ("RGB", "RGBA"):
+                    return mask_from_colours(np.asarray(im.convert("RGB")), colours)
+        except ValueError:
+            raise
+        except Exception as e:
+            raise ValueError(f"mask does not decode: {e}") from e
+    try:
+        return fmt.decode_mask(data)
+    except ValueError as e:
+        if colours is None and "'RGB" in str(e):
+            raise ValueError(
+                f"{e} (`dssn prepare folder` reads colour masks when its classes file gives "
+                "every class its colour: 'name r g b')"
+            ) from e
+        raise
+
+
+def load_sample(
+    sample: Sample,
+    num_classes: int,
+    labeled: bool,
+    mask_colours: dict[tuple[int, int, int], int] | None = None,
+) -> dict[str, Any]:
     """Read and verify one sample -> a shard row. ValueError (naming the file) if bad."""
     try:
         image_bytes = Path(sample.image).read_bytes()
@@ -345,7 +425,7 @@ def load_sample(sample: Sample, num_classes: int, labeled: bool) -> dict[str, An
         raise ValueError(f"{sample.mask}: mask file missing (for image {sample.image})")
     mask_bytes = Path(sample.mask).read_bytes()
     try:
-        mask = fmt.decode_mask(mask_bytes)
+        mask = decode_sample_mask(mask_bytes, mask_colours)
     except ValueError as e:
         raise ValueError(f"{sample.mask}: {e}") from e
     if mask.shape != (height, width):
@@ -376,6 +456,7 @@ class ShardTask:
     index: int
     samples: list[Sample]
     num_classes: int
+    mask_colours: dict[tuple[int, int, int], int] | None = None
 
 
 @dataclass
@@ -399,7 +480,7 @@ def process_shard(task: ShardTask) -> ShardResult:
     rows, errors, skipped = [], [], []
     for sample in task.samples:
         try:
-            rows.append(load_sample(sample, task.num_classes, labeled))
+            rows.append(load_sample(sample, task.num_classes, labeled, task.mask_colours))
         except ValueError as e:
             (errors if labeled else skipped).append(str(e))
     if errors:  # not written: a re-run after the fix redoes just this shard
@@ -434,6 +515,8 @@ def _fingerprint(plan: Plan, settings: dict[str, Any]) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps(settings, sort_keys=True).encode())
     digest.update(json.dumps([plan.name, plan.classes]).encode())
+    if plan.mask_colours:  # other colours make other masks (absent: fingerprints as before)
+        digest.update(json.dumps(sorted(plan.mask_colours.items())).encode())
     for part in fmt.PARTS:
         for s in plan.parts[part]:
             digest.update(f"{part}\t{s.id}\t{s.image}\t{s.mask}\n".encode())
@@ -511,7 +594,10 @@ def run(
     for part in fmt.PARTS:
         samples = [plan.parts[part][i] for i in rng.permutation(len(plan.parts[part]))]
         groups = plan_shards(samples, shard_rows, shard_bytes)
-        tasks += [ShardTask(str(out), part, i, g, len(plan.classes)) for i, g in enumerate(groups)]
+        tasks += [
+            ShardTask(str(out), part, i, g, len(plan.classes), plan.mask_colours)
+            for i, g in enumerate(groups)
+        ]
         fmt.remove_shards_from(out, part, len(groups))  # stale shards of a longer earlier run
 
     summary = Summary(out=str(out))
