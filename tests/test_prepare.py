@@ -216,6 +216,32 @@ def test_folder_of_rgb_colour_masks_reads_classes_by_colour(tmp_path, capsys):
     assert "mask has mode 'RGB'" in err and "classes file gives every class its colour" in err
 
 
+def test_class_pixels_are_counted_and_a_class_no_mask_holds_is_named(tmp_path, capsys):
+    images, masks, classes, val = make_folder(tmp_path)
+    out = tmp_path / "shards"
+    assert main(folder_args(images, masks, classes, val, out)) == 0
+    expected = np.zeros(3, np.int64)
+    for name in ("a", "b", "c"):  # labeled a, b and val c
+        expected += np.bincount(np.asarray(Image.open(masks / f"{name}.png")).ravel(), minlength=3)
+    assert fmt.read_dataset_info(out)["class_pixels"] == expected.tolist()
+    assert "warning" not in capsys.readouterr().err
+    (out / "dataset.json").unlink()  # a re-run reuses every shard: counts from their footers
+    assert main(folder_args(images, masks, classes, val, out)) == 0
+    assert fmt.read_dataset_info(out)["class_pixels"] == expected.tolist()
+
+    for name in ("a", "b", "c"):  # binary masks, the foreground stored as 255
+        fg = np.asarray(Image.open(masks / f"{name}.png")) > 0
+        Image.fromarray(np.where(fg, 255, 0).astype(np.uint8), "L").save(masks / f"{name}.png")
+    classes.write_text("background\nobject\n")
+    out2 = tmp_path / "shards2"
+    assert main(folder_args(images, masks, classes, val, out2)) == 0  # valid, but suspicious
+    err = capsys.readouterr().err
+    assert "warning: no labeled or val mask holds class 'object' (1)" in err
+    share = 100 * (1 - expected[0] / expected.sum())
+    assert f"{share:.1f}% of the mask pixels are 255, which means ignore" in err
+    assert fmt.read_dataset_info(out2)["class_pixels"] == [int(expected[0]), 0]
+
+
 def test_classes_file_colours_are_checked():
     with pytest.raises(prepare.PrepareError, match="given twice"):
         prepare.read_class_table(write_tmp("a 1 2 3\nb 1 2 3\n"))

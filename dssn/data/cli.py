@@ -16,6 +16,7 @@ import os
 import sys
 
 MAX_LISTED = 20  # bad / skipped samples printed in full; the rest are counted
+IGNORE_HINT_SHARE = 0.05  # with a class absent, this much 255 in the masks earns a hint
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 
 
@@ -136,12 +137,13 @@ def _run(make_plan, args: argparse.Namespace) -> int:
     except prepare.PrepareError as e:
         print(f"dssn prepare: error: {e}", file=sys.stderr)
         return 2
-    print_summary(plan.name, plan.split, summary)
+    print_summary(plan.name, plan.split, summary, plan.classes)
     return 0 if summary.ok else 1
 
 
-def print_summary(name: str, split: str | None, summary) -> None:
-    """Rows per part, skipped unlabeled images, bad samples."""
+def print_summary(name: str, split: str | None, summary, classes: list[str] | None = None) -> None:
+    """Rows per part, skipped unlabeled images, bad samples; with ``classes``, those no
+    labeled or val mask holds."""
     print(f"{name} (split {split}) -> {summary.out}")
     for part, rows in summary.counts.items():
         skipped = summary.skipped[part]
@@ -164,6 +166,16 @@ def print_summary(name: str, split: str | None, summary) -> None:
         )
     else:
         print(f"  wrote {summary.out}/dataset.json")
+    absent = summary.absent_classes(len(classes)) if classes and summary.ok else []
+    if absent:
+        named = ", ".join(f"'{classes[c]}' ({c})" for c in absent)
+        print(f"dssn prepare: warning: no labeled or val mask holds class {named}; a model "
+              "trained on these masks never learns it", file=sys.stderr)  # fmt: skip
+        share = summary.ignore_share()
+        if share >= IGNORE_HINT_SHARE:
+            print(f"dssn prepare: {100 * share:.1f}% of the mask pixels are 255, which means "
+                  "ignore: if your masks mark a class with 255 (binary 0/255 masks do), "
+                  "store that class's id instead", file=sys.stderr)  # fmt: skip
 
 
 def _prepare_digits(args: argparse.Namespace) -> int:

@@ -58,6 +58,7 @@ DEFAULT_SHARD_BYTES = 64 * 2**20  # a shard also closes at this many bytes of im
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 PLAN_FILE = "prepare.json"
 SKIPPED_KEY = "dssn.skipped"  # shard footer key: JSON list of skipped unlabeled samples
+PIXELS_KEY = "dssn.mask_pixels"  # shard footer key: JSON {mask value: pixels} of its masks
 # a class id must stay below the two reserved mask values (254 = unlabeled padding, 255)
 MAX_CLASSES = UNLABELED_PAD
 # below this many samples a process pool costs more to start (seconds) than it saves
@@ -102,10 +103,24 @@ class Summary:
     errors: list[str] = field(default_factory=list)  # bad labeled / val samples
     shards_written: int = 0
     shards_reused: int = 0
+    # pixels of each mask value (0..255) over the labeled and val masks; None where a reused
+    # shard was written before the counts were kept
+    pixels: np.ndarray | None = field(default_factory=lambda: np.zeros(256, np.int64))
 
     @property
     def ok(self) -> bool:
         return not self.errors
+
+    def absent_classes(self, num_classes: int) -> list[int]:
+        """Class ids that no labeled or val mask holds ([] when the counts are unknown)."""
+        if self.pixels is None:
+            return []
+        return [c for c in range(num_classes) if self.pixels[c] == 0]
+
+    def ignore_share(self) -> float:
+        """The share of labeled and val mask pixels that are ignore (255)."""
+        total = 0 if self.pixels is None else int(self.pixels.sum())
+        return float(self.pixels[IGNORE_INDEX]) / total if total else 0.0
 
 
 # ----------------------------------------------------------------------------- split files
@@ -403,8 +418,10 @@ def load_sample(
     num_classes: int,
     labeled: bool,
     mask_colours: dict[tuple[int, int, int], int] | None = None,
+    pixels: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Read and verify one sample -> a shard row. ValueError (naming the file) if bad."""
+    """Read and verify one sample -> a shard row. ValueError (naming the file) if bad. A
+    good mask's pixels are added to ``pixels`` (256 counts, by mask value) if given."""
     try:
         image_bytes = Path(sample.image).read_bytes()
     except OSError as e:
@@ -440,6 +457,8 @@ def load_sample(
             f"{sample.mask}: mask values {bad.tolist()} outside [0, {num_classes}) and "
             f"{IGNORE_INDEX}"
         )
+    if pixels is not None:
+        pixels += np.bincount(mask.ravel(), minlength=256)
     with Image.open(io.BytesIO(mask_bytes)) as im:
         keep = fmt.image_format(mask_bytes) == "png" and im.mode in ("P", "L")
     row["mask"] = mask_bytes if keep else fmt.encode_mask(mask)
@@ -467,26 +486,36 @@ class ShardResult:
     reused: bool
     errors: list[str]
     skipped: list[str]
+    pixels: np.ndarray | None = None  # by mask value; None: unlabeled, or not kept (old shard)
 
 
 def process_shard(task: ShardTask) -> ShardResult:
     """Verify and write one shard (or reuse it if already complete)."""
     path = f"{task.out}/{task.part}/{fmt.shard_name(task.index)}"
+    labeled = task.part != "unlabeled"
     if fmt.shard_complete(path):
         rows, meta = fmt.read_shard_metadata(path)
         skipped = json.loads(meta.get(SKIPPED_KEY, "[]"))
-        return ShardResult(task.part, task.index, rows, True, [], skipped)
-    labeled = task.part != "unlabeled"
+        pixels = None
+        if labeled and PIXELS_KEY in meta:
+            pixels = np.zeros(256, np.int64)
+            for value, count in json.loads(meta[PIXELS_KEY]).items():
+                pixels[int(value)] = count
+        return ShardResult(task.part, task.index, rows, True, [], skipped, pixels)
     rows, errors, skipped = [], [], []
+    pixels = np.zeros(256, np.int64) if labeled else None
     for sample in task.samples:
         try:
-            rows.append(load_sample(sample, task.num_classes, labeled, task.mask_colours))
+            rows.append(load_sample(sample, task.num_classes, labeled, task.mask_colours, pixels))
         except ValueError as e:
             (errors if labeled else skipped).append(str(e))
     if errors:  # not written: a re-run after the fix redoes just this shard
         return ShardResult(task.part, task.index, 0, False, errors, skipped)
-    fmt.write_shard(task.out, task.part, task.index, rows, {SKIPPED_KEY: json.dumps(skipped)})
-    return ShardResult(task.part, task.index, len(rows), False, [], skipped)
+    meta = {SKIPPED_KEY: json.dumps(skipped)}
+    if pixels is not None:
+        meta[PIXELS_KEY] = json.dumps({int(v): int(pixels[v]) for v in np.flatnonzero(pixels)})
+    fmt.write_shard(task.out, task.part, task.index, rows, meta)
+    return ShardResult(task.part, task.index, len(rows), False, [], skipped, pixels)
 
 
 def plan_shards(samples: list[Sample], shard_rows: int, shard_bytes: int) -> list[list[Sample]]:
@@ -609,6 +638,11 @@ def run(
             summary.skipped_samples += result.skipped
             summary.errors += result.errors
             summary.shards_reused += result.reused
+            if result.part != "unlabeled" and not result.errors:
+                if result.pixels is None or summary.pixels is None:
+                    summary.pixels = None  # a reused shard from before the counts were kept
+                else:
+                    summary.pixels += result.pixels
             summary.shards_written += not result.reused and not result.errors
             bar.update(len(task.samples))
     summary.errors.sort()
@@ -622,6 +656,11 @@ def run(
                 "counts": summary.counts,
                 "skipped": summary.skipped,
                 "skipped_samples": sorted(summary.skipped_samples),
+                **(
+                    {"class_pixels": [int(n) for n in summary.pixels[: len(plan.classes)]]}
+                    if summary.pixels is not None
+                    else {}
+                ),
                 "source": plan.source,
                 "split": plan.split,
                 **settings,
