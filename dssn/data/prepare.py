@@ -689,4 +689,6 @@ def _execute(tasks: list[ShardTask], workers: int):
 
 def summary_dict(summary: Summary) -> dict[str, Any]:
     """The summary as plain data (for printing or JSON)."""
-    return asdict(summary)
+    out = asdict(summary)
+    out["pixels"] = None if summary.pixels is None else summary.pixels.tolist()
+    return out
