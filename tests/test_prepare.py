@@ -242,23 +242,19 @@ def test_class_pixels_are_counted_and_a_class_no_mask_holds_is_named(tmp_path, c
     assert fmt.read_dataset_info(out2)["class_pixels"] == [int(expected[0]), 0]
 
 
-def test_classes_file_colours_are_checked():
+def test_classes_file_colours_are_checked(tmp_path):
+    def table(text: str):
+        (tmp_path / "classes.txt").write_text(text)
+        return prepare.read_class_table(tmp_path / "classes.txt")
+
     with pytest.raises(prepare.PrepareError, match="given twice"):
-        prepare.read_class_table(write_tmp("a 1 2 3\nb 1 2 3\n"))
+        table("a 1 2 3\nb 1 2 3\n")
     with pytest.raises(prepare.PrepareError, match="on every line or on none"):
-        prepare.read_class_table(write_tmp("a\nb\nignore 9 9 9\n"))
-    names, palette, table = prepare.read_class_table(write_tmp("a 1 2 3\nb 4 5 6\nIgnore 0 0 0\n"))
+        table("a\nb\nignore 9 9 9\n")
+    names, palette, colours = table("a 1 2 3\nb 4 5 6\nIgnore 0 0 0\n")
     assert names == ["a", "b"] and palette == [[1, 2, 3], [4, 5, 6]]
-    assert table == {(1, 2, 3): 0, (4, 5, 6): 1, (0, 0, 0): 255}
-    assert prepare.read_class_table(write_tmp("a\nb\n"))[2] is None
-
-
-def write_tmp(text: str) -> Path:
-    import tempfile
-
-    path = Path(tempfile.mkdtemp()) / "classes.txt"
-    path.write_text(text)
-    return path
+    assert colours == {(1, 2, 3): 0, (4, 5, 6): 1, (0, 0, 0): 255}
+    assert table("a\nb\n")[2] is None
 
 
 # ----------------------------------------------------------------------------- bad inputs
