@@ -52,6 +52,12 @@ def test_rarest_classes_come_from_the_prior():
     assert rarest_classes({}) == [] and rarest_classes(None) == []
 
 
+def test_rarest_classes_of_a_prepared_dataset_come_from_its_pixel_counts():
+    pixels = [9000, 40, 0, 700, 15, 3000]  # class 2 is in no mask: no IoU to average
+    assert rarest_classes({"class_pixels": pixels}) == [4, 1, 3]
+    assert rarest_classes({"class_pixels": [900, 50]}) == []  # two classes: nothing to pick
+
+
 def test_compare_rows_put_runs_side_by_side(tmp_path, dataset):
     a = fake_run(tmp_path, "dssn", [0.9, 0.5, 0.4, 0.2], dataset, best=[0.9, 0.6, 0.4, 0.3])
     b = fake_run(tmp_path, "supervised", [0.8, 0.3, 0.2, 0.0], dataset)

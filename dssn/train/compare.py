@@ -38,13 +38,19 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], Any]:
 
 
 def rarest_classes(info: dict | None, n: int = RAREST) -> list[int]:
-    """Class ids (dataset ids: background is 0) of the ``n`` rarest foreground classes by the
-    dataset's ``class_prior`` (foreground classes only); [] when the dataset has none."""
+    """Class ids of the ``n`` rarest classes: by the dataset's ``class_prior`` (the digits:
+    foreground classes only, background is 0), else by its ``class_pixels`` (``dssn prepare``:
+    pixels over the labeled and val masks; classes no mask holds left out). [] when the dataset
+    has neither, or no more than ``n`` classes to choose from."""
     prior = (info or {}).get("class_prior")
-    if not prior:
+    if prior:
+        order = sorted(range(len(prior)), key=lambda i: prior[i])
+        return [i + 1 for i in order[:n]]
+    pixels = (info or {}).get("class_pixels") or []
+    present = [i for i, count in enumerate(pixels) if count > 0]
+    if len(present) <= n:
         return []
-    order = sorted(range(len(prior)), key=lambda i: prior[i])
-    return [i + 1 for i in order[:n]]
+    return sorted(present, key=lambda i: pixels[i])[:n]
 
 
 def compare_rows(runs: dict[str, tuple[dict[str, Any], Any]], which: str = "final"):
