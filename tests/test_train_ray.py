@@ -285,6 +285,11 @@ def test_predict_skips_and_names_unreadable_images_and_draws_the_rest(main_run, 
     assert sorted(p.name for p in out.iterdir()) == [
         "a.jpg_mask.png", "a.jpg_overlay.png", "a.png_mask.png", "a.png_overlay.png",
     ]  # fmt: skip
+    nested = images / "pred"  # outputs inside --images are not read back as inputs
+    again = [*args[:3], "--images", str(images), "--out", str(nested)]
+    assert main(again) == 1 and main(again) == 1
+    assert sorted(p.name for p in nested.iterdir())[:2] == ["a.jpg_mask.png", "a.jpg_overlay.png"]
+    assert len(list(nested.iterdir())) == 4  # still the two drawable images' PNGs
     assert main([*args[:3], "--images", str(tmp_path / "none"), "--out", str(out)]) == 2
     assert "not an image folder or image file" in capsys.readouterr().err
 

@@ -53,7 +53,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("predict", help="coloured masks and overlays for a folder of images")
     _checkpoint_args(p)
-    p.add_argument("--images", required=True, help="a folder of .png/.jpg/.bmp images, or one")
+    p.add_argument(
+        "--images",
+        required=True,
+        help="a folder of .png/.jpg/.bmp images (searched recursively), or one",
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--model", choices=("teacher", "student"), default="teacher")
     p.add_argument("--mode", choices=("original", "sliding_window"), default="original")
@@ -227,8 +231,11 @@ def predict_command(args: argparse.Namespace) -> int:
     except FileNotFoundError as e:
         print(f"dssn predict: {e}", file=sys.stderr)
         return 2
+    out = Path(args.out).absolute()  # earlier outputs inside --images are no inputs
+    images = [p for p in images if not p.absolute().is_relative_to(out)]
+    root = Path(args.images) if Path(args.images).is_dir() else None  # keep its subfolders
     done = predict_folder(
-        loaded.models[args.model], images, args.out, loaded.cfg, palette, args.mode
+        loaded.models[args.model], images, args.out, loaded.cfg, palette, args.mode, root=root
     )
     drawn = len(images) - len(done.skipped)
     print(f"{args.model} of {loaded.source}: {drawn} images -> {len(done.written)} PNGs in "

@@ -129,14 +129,16 @@ def overlay(image: np.ndarray, colours: np.ndarray, alpha: float = OVERLAY_ALPHA
 
 
 def list_images(directory: str | Path) -> list[Path]:
-    """Image files (png, jpg, bmp) directly in ``directory``, sorted; or ``directory`` itself
-    when it is one such file."""
+    """Image files (png, jpg, bmp) under ``directory``, its subfolders included, sorted; or
+    ``directory`` itself when it is one such file."""
     directory = Path(directory)
     if directory.is_file() and directory.suffix.lower() in IMAGE_SUFFIXES:
         return [directory]
     if not directory.is_dir():
         raise FileNotFoundError(f"not an image folder or image file: {directory}")
-    images = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    images = sorted(
+        p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
     if not images:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {directory}")
     return images
@@ -154,13 +156,26 @@ def predict_image(model: nn.Module, image: np.ndarray, cfg: Config, mode: str) -
     return pred[0].cpu().numpy().astype(np.int64)
 
 
-def output_stems(images: list[Path]) -> dict[Path, str]:
-    """The name each image's outputs start with: its stem, or its whole file name where two
-    images share a stem (``a.jpg`` and ``a.png`` -> ``a.jpg_mask.png``, ``a.png_mask.png``)."""
-    counts: dict[str, int] = {}
+def output_stems(images: list[Path], root: Path | None = None) -> dict[Path, str]:
+    """The name each image's outputs start with: its path under ``root`` (its folder when
+    None) without the suffix, or with it where two images share that stem (``a.jpg`` and
+    ``a.png`` -> ``a.jpg_mask.png``, ``a.png_mask.png``). Subfolders stay subfolders."""
+
+    def relative(path: Path) -> Path:
+        return path.relative_to(root) if root is not None else Path(path.name)
+
+    counts: dict[Path, int] = {}
     for path in images:
-        counts[path.stem] = counts.get(path.stem, 0) + 1
-    return {path: path.stem if counts[path.stem] == 1 else path.name for path in images}
+        stem = relative(path).with_suffix("")
+        counts[stem] = counts.get(stem, 0) + 1
+    return {
+        path: (
+            relative(path).with_suffix("")
+            if counts[relative(path).with_suffix("")] == 1
+            else relative(path)
+        ).as_posix()
+        for path in images
+    }
 
 
 @dataclass
@@ -195,13 +210,14 @@ def predict_folder(
     palette: np.ndarray,
     mode: str = "original",
     progress_s: float | None = PROGRESS_S,
+    root: str | Path | None = None,
 ) -> Predicted:
     """Write ``<stem>_mask.png`` (colours) and ``<stem>_overlay.png`` for every image
-    (:func:`output_stems`). An image that does not decode is skipped, named on the console
+    (:func:`output_stems`, under ``root``'s layout). An image that does not decode is skipped, named on the console
     and returned in ``skipped``; the others are still drawn. Progress: :func:`with_progress`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stems = output_stems(images)
+    stems = output_stems(images, Path(root) if root is not None else None)
     done = Predicted([], [])
     for path in with_progress(images, len(images), "predict", progress_s):
         try:
@@ -214,6 +230,7 @@ def predict_folder(
         colours = colorize(predict_image(model, image, cfg, mode), palette)
         for suffix, array in (("mask", colours), ("overlay", overlay(image, colours))):
             target = out_dir / f"{stems[path]}_{suffix}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(array, "RGB").save(target)
             done.written.append(target)
     return done
