@@ -8,6 +8,7 @@ state_dict}`` with DDP ``module.`` prefixes; a config must then be given for the
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,21 +161,11 @@ def output_stems(images: list[Path], root: Path | None = None) -> dict[Path, str
     """The name each image's outputs start with: its path under ``root`` (its folder when
     None) without the suffix, or with it where two images share that stem (``a.jpg`` and
     ``a.png`` -> ``a.jpg_mask.png``, ``a.png_mask.png``). Subfolders stay subfolders."""
-
-    def relative(path: Path) -> Path:
-        return path.relative_to(root) if root is not None else Path(path.name)
-
-    counts: dict[Path, int] = {}
-    for path in images:
-        stem = relative(path).with_suffix("")
-        counts[stem] = counts.get(stem, 0) + 1
+    rel = {p: p.relative_to(root) if root is not None else Path(p.name) for p in images}
+    counts = Counter(r.with_suffix("") for r in rel.values())
     return {
-        path: (
-            relative(path).with_suffix("")
-            if counts[relative(path).with_suffix("")] == 1
-            else relative(path)
-        ).as_posix()
-        for path in images
+        p: (r.with_suffix("") if counts[r.with_suffix("")] == 1 else r).as_posix()
+        for p, r in rel.items()
     }
 
 
