@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+import pytest
+
 from dssn.config import Config
 from dssn.train.cli import train_overrides
 from dssn.train.launcher import (
@@ -129,9 +131,16 @@ def test_a_missing_dataset_is_named_before_ray_starts(tmp_path, capsys, monkeypa
     assert not (tmp_path / "runs").exists()  # and before the run directory was made
 
 
-def test_a_class_count_that_is_not_the_datasets_is_a_config_error(tiny_digits, tmp_path, capsys):
+def test_a_class_count_that_is_not_the_datasets_is_a_config_error(
+    tiny_digits, tmp_path, capsys, monkeypatch
+):
     from dssn.cli import main
+    from dssn.train import launcher
+    from dssn.tune import tuner
 
+    # were the check gone, fail at once instead of training or searching for minutes
+    monkeypatch.setattr(launcher, "ensure_ray", lambda cfg: pytest.fail("Ray was started"))
+    monkeypatch.setattr(tuner, "run_search", lambda *a, **k: pytest.fail("a search was run"))
     for command in ("train", "tune"):
         args = [command, "--config", CONFIG, "--storage", str(tmp_path / command)]
         assert main(args + [f"data.root={tiny_digits}", "model.num_classes=21"]) == 2
@@ -142,17 +151,13 @@ def test_a_class_count_that_is_not_the_datasets_is_a_config_error(tiny_digits, t
 
 
 def test_the_parts_a_method_reads_must_have_rows(tiny_digits, tmp_path):
-    import pytest
-
     from dssn.config import load_config
     from dssn.data.format import ShardError
     from dssn.data.pipeline import check_training_data
 
     info = json.loads((tiny_digits / "dataset.json").read_text())
-    assert (
-        check_training_data(load_config(CONFIG, [f"data.root={tiny_digits}"]))["counts"]
-        == (info["counts"])
-    )
+    checked = check_training_data(load_config(CONFIG, [f"data.root={tiny_digits}"]))
+    assert checked["counts"] == info["counts"]
     info["counts"]["unlabeled"] = 0  # e.g. a folder prepared with every image labeled
     (tmp_path / "dataset.json").write_text(json.dumps(info))
     with pytest.raises(ShardError, match="'unlabeled' has no rows"):
