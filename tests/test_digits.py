@@ -75,6 +75,11 @@ def test_counts_schema_and_dataset_info(tmp_path):
     assert info["split"] == "1/4" and info["seed"] == 0
     assert info["generator"]["n_train"] == 40 and info["generator"]["size_min"] > 0
     assert len(info["class_prior"]) == 10
+    masks = [
+        fmt.decode_mask(r["mask"]) for r in _rows(tmp_path, "labeled") + _rows(tmp_path, "val")
+    ]
+    counts = np.bincount(np.concatenate([m.ravel() for m in masks]), minlength=11)
+    assert info["class_pixels"] == counts.tolist() and len(counts) == 11
     assert sorted(info["val_source_indices"]) == source_split(DigitsSpec())["val"].tolist()
     labeled, unlabeled = _rows(tmp_path, "labeled"), _rows(tmp_path, "unlabeled")
     assert all(r["mask"] is None for r in unlabeled)

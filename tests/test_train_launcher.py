@@ -60,12 +60,25 @@ def test_continuing_with_other_settings_keeps_the_earlier_config_and_names_the_k
     save_config(cfg)
     out = capsys.readouterr().out
     kept = [p for p in (tmp_path / "run").iterdir() if p.name.startswith("config-before-")]
-    assert len(kept) == 1 and f"the earlier config kept as {kept[0].name}" in out
+    assert len(kept) == 1 and f"config.yaml (kept as {kept[0].name})" in out
+    assert "starts again (it holds no checkpoint to continue from)" in out
     assert f"  train.epochs: {cfg.train.epochs - 10} -> {cfg.train.epochs}" in out
     assert "  optim.lr: " in out and "-> 0.5" in out
     assert len(out.strip().splitlines()) == 3  # the heading and the two keys
     assert yaml.safe_load(kept[0].read_text())["optim"]["lr"] != 0.5
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["optim"]["lr"] == 0.5
+    # with a checkpoint (the one with the most epochs counts), the run continues from it
+    for epoch in (2, 3):
+        (tmp_path / "run" / f"checkpoint_{epoch}").mkdir()
+        (tmp_path / "run" / f"checkpoint_{epoch}" / "state.json").write_text(
+            json.dumps({"epoch": epoch})
+        )
+    (tmp_path / "run" / "checkpoint_9").mkdir()  # half-written by a killed attempt: no state
+    cfg.optim.lr = 0.25
+    save_config(cfg)
+    out = capsys.readouterr().out
+    assert f"{tmp_path}/run continues from its epoch-3 checkpoint with other settings" in out
+    assert "  optim.lr: 0.5 -> 0.25" in out
 
 
 def test_cli_flags_become_overrides_after_positional_ones():

@@ -305,6 +305,18 @@ def _check_existing(root: str, spec: DigitsSpec) -> None:
                 )
 
 
+def class_pixels(root: str) -> list[int]:
+    """Pixels of each class over the labeled and val masks under ``root`` (as ``dssn
+    prepare`` writes them into dataset.json), read back from the shards so that reused
+    shards count too."""
+    counts = np.zeros(NUM_CLASSES, np.int64)
+    for part in ("labeled", "val"):
+        for path in fmt.list_shards(root, part):
+            for data in fmt.read_shard(path, columns=["mask"]).column("mask").to_pylist():
+                counts += np.bincount(fmt.decode_mask(data).ravel(), minlength=NUM_CLASSES)
+    return [int(n) for n in counts]
+
+
 def generate(out: str | os.PathLike, *, workers: int | None = None, **options: Any) -> dict:
     """Generate the digits shards and dataset.json under ``out``; return the dataset info.
 
@@ -351,6 +363,7 @@ def generate(out: str | os.PathLike, *, workers: int | None = None, **options: A
         "seed": spec.seed,
         "generator": asdict(spec),
         "class_prior": [round(float(p), 6) for p in class_prior(spec)],
+        "class_pixels": class_pixels(root),
         "source_digits": "sklearn.datasets.load_digits: 1,797 8x8 digits (UCI optdigits test set)",
         "source_split": f"stratified: every {spec.val_every}th digit of each class -> val",
         "val_source_indices": split["val"].tolist(),

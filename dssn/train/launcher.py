@@ -109,7 +109,8 @@ def finished_run(cfg: Config) -> tuple[str, dict[str, Any]] | None:
 def save_config(cfg: Config) -> str:
     """Write the resolved config as ``<run_dir>/config.yaml``; return its path. A config the
     run was started (or last continued) with that differs is kept first, as
-    ``config-before-<UTC time>.yaml``, and the changed keys are printed."""
+    ``config-before-<UTC time>.yaml``, and the changed keys are printed, after whether the run
+    continues from a checkpoint or starts again."""
     import time
 
     import yaml
@@ -125,8 +126,14 @@ def save_config(cfg: Config) -> str:
             kept = f"config-before-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.yaml"
             with fs.open_output_stream(f"{path}/{kept}") as f:
                 f.write(earlier)
-            print(f"dssn: {run_dir(cfg)} continues with other settings than it ran with "
-                  f"(the earlier config kept as {kept}):", flush=True)  # fmt: skip
+            latest = latest_checkpoint_state(cfg)
+            how = (
+                f"continues from its epoch-{latest[1].get('epoch', 0)} checkpoint"
+                if latest is not None
+                else "starts again (it holds no checkpoint to continue from)"
+            )
+            print(f"dssn: {run_dir(cfg)} {how} with other settings than its earlier "
+                  f"config.yaml (kept as {kept}):", flush=True)  # fmt: skip
             for line in changes:
                 print(f"  {line}", flush=True)
     with fs.open_output_stream(target) as f:
