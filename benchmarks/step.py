@@ -10,7 +10,8 @@ Modes, side by side in one run:
   the labeled images too, state-dict EMA) -- the exact reference structure;
 - ``shortcuts``: every shortcut on (the config defaults);
 - on CUDA, and on CPUs with native bf16 (AVX512-BF16/AMX), also ``shortcuts+bf16+cl``: bf16
-  autocast and channels_last on top;
+  autocast and channels_last on top; on CUDA also ``shortcuts+fp16+cl``: float16 autocast with
+  loss scaling (``train.amp=fp16``, for GPUs without bf16), as the training loop does it;
 - with ``--compile``, each of the fast modes again under ``torch.compile`` (student and teacher,
   inductor's defaults), e.g. ``shortcuts+compile``. The compilation falls in the first
   iteration, which the table's "first s" column shows (it is not in the medians).
@@ -139,9 +140,11 @@ def time_mode(args: argparse.Namespace, mode: str, turn: Any, next_turn: Any) ->
     student.train()
     ema = EMATeacher(student, cfg.dssn.ema, fused=cfg.dssn.fused_ema)
     optimizer = build_optimizer(student, cfg.optim)
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if "bf16" in mode else nullcontext()
-    )
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    dtype = next((amp[name] for name in amp if f"+{name}" in mode), None)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    # train.amp=fp16: the loss scaled for the backward, the gradients unscaled before the step
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def sync() -> float:
         if cuda:
@@ -163,8 +166,9 @@ def time_mode(args: argparse.Namespace, mode: str, turn: Any, next_turn: Any) ->
     with FlopCounterMode(display=False) as counter:
         loss = iteration(0, eager=True)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-    optimizer.step()
+        scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
     ema.update(student)
     next_turn.release()
     flops = counter.get_total_flops()
@@ -180,9 +184,10 @@ def time_mode(args: argparse.Namespace, mode: str, turn: Any, next_turn: Any) ->
         loss = iteration(it)
         t1 = sync()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         t2 = sync()
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         t3 = sync()
         ema.update(student)
         t4 = sync()
@@ -269,6 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     modes = ["reference", "shortcuts"]
     if args.device.startswith("cuda") or cpu_has_bf16():
         modes.append("shortcuts+bf16+cl")
+    if args.device.startswith("cuda"):
+        modes.append("shortcuts+fp16+cl")
     if args.compile:
         modes += [f"{mode}+compile" for mode in modes if mode != "reference"]
     print(

@@ -133,7 +133,9 @@ class TrainConfig:
     eval_every: int = 1
     log_every: int = 20
     seed: int = 0
-    amp: str = "none"  # none | bf16 (CUDA; CPUs with AVX512-BF16/AMX)
+    # none | bf16 (CUDA; CPUs with AVX512-BF16/AMX) | fp16 (CUDA, with a GradScaler: GPUs
+    # without bf16, e.g. V100, T4)
+    amp: str = "none"
     channels_last: bool = False
     sync_bn: bool = True  # SyncBatchNorm when more than one worker
     keep_checkpoints: int = 2
@@ -220,7 +222,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dssn.consistency": ("mse", "infonce"),
     "optim.optimizer": ("sgd", "adamw"),
     "data.eval_mode": ("original", "center_crop", "sliding_window"),
-    "train.amp": ("none", "bf16"),
+    "train.amp": ("none", "bf16", "fp16"),
     "train.nan_policy": ("error", "skip"),
 }
 

@@ -175,3 +175,24 @@ def test_bf16_autocast_on_cpu_only_where_the_cpu_has_bf16(monkeypatch, native):
     with ev.autocast_for(Config(), cpu):  # train.amp: none
         assert conv(x).dtype == torch.float32
     assert not ev.amp_enabled(Config(), cpu)
+
+
+def test_fp16_applies_on_cuda_only_and_the_cpu_says_so(monkeypatch):
+    from dssn.config import set_values
+    from dssn.train import evaluate as ev
+    from dssn.train.setup import build_networks
+
+    monkeypatch.setattr(ev, "cpu_has_bf16", lambda: True)  # fp16 is not bf16's CPU rule
+    cfg = set_values(Config(), {"train.amp": "fp16"})
+    cpu = torch.device("cpu")
+    assert ev.amp_enabled(cfg, torch.device("cuda", 0)) and not ev.amp_enabled(cfg, cpu)
+    assert ev.amp_fallback_note(cfg, cpu) == "train.amp=fp16 applies on CUDA only; float32 on cpu"
+    assert ev.amp_fallback_note(cfg, torch.device("cuda", 0)) is None
+    with ev.autocast_for(cfg, cpu):
+        assert nn.Conv2d(3, 4, 3)(torch.randn(1, 3, 8, 8)).dtype == torch.float32
+    monkeypatch.setattr(ev, "cpu_has_bf16", lambda: False)
+    bf16 = set_values(Config(), {"train.amp": "bf16"})
+    assert "no native bf16" in ev.amp_fallback_note(bf16, cpu)
+    assert ev.amp_fallback_note(Config(), cpu) is None  # train.amp: none
+    cfg.model.backbone, cfg.model.width = "tiny", 8
+    assert not build_networks(cfg, cpu, world_size=1).scaler.is_enabled()

@@ -196,3 +196,71 @@ def test_nan_skip_leaves_weights_and_counts(monkeypatch):
     for name, param in nets.module.named_parameters():
         assert torch.equal(param.detach(), before[name]), name
     assert "loss" not in out  # no finite step to average
+
+
+def fp16_scaler(scale: float) -> torch.amp.GradScaler:
+    """An enabled GradScaler on the CPU: the loss scaling of ``train.amp=fp16`` (which applies
+    on CUDA only), exercised on float32 gradients."""
+    return torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=1)
+
+
+def test_fp16_overflow_skips_the_step_lowers_the_scale_and_counts(monkeypatch):
+    monkeypatch.setattr(loop, "iter_train_batches", fake_batches)
+    monkeypatch.setattr(loop, "to_device", to_device)
+    cfg = tiny_cfg(iters_per_epoch=1)
+    cpu = torch.device("cpu")
+    nets = build_networks(cfg, cpu, world_size=1)
+    nets.scaler = fp16_scaler(2.0**10)
+    overflows = iter([True])  # the first backward's gradients overflow, later ones do not
+    param = next(nets.module.parameters())
+    param.register_hook(lambda g: g.fill_(float("inf")) if next(overflows, False) else g)
+    before = {k: v.detach().clone() for k, v in nets.module.named_parameters()}
+    state, faults = TrainState(), FaultInjector(cfg, rank=0, world_size=1)
+    out = loop.train_one_epoch(cfg, nets, state, 0, 2, faults, cpu, 0, 1)
+    assert state.overflow_skipped == 1 and state.nan_skipped == 0 and state.iteration == 1
+    assert nets.ema.updates == 0 and "loss" not in out  # no step: the teacher did not move
+    assert nets.scaler.get_scale() == 2.0**9  # lowered by the backoff factor
+    for name, p in nets.module.named_parameters():
+        assert torch.equal(p.detach(), before[name]), name
+    loop.train_one_epoch(cfg, nets, state, 1, 2, faults, cpu, 0, 1)
+    assert state.overflow_skipped == 1 and nets.ema.updates == 1
+    assert nets.scaler.get_scale() == 2.0**10  # grown again after a good step
+    assert not torch.equal(param.detach(), before[next(iter(before))])
+
+
+def test_a_loss_scaled_step_equals_the_plain_one(monkeypatch):
+    """The scaler unscales the gradients before the optimizer sees them."""
+    monkeypatch.setattr(loop, "iter_train_batches", fake_batches)
+    monkeypatch.setattr(loop, "to_device", to_device)
+    cfg = tiny_cfg(iters_per_epoch=1)
+    cpu, weights = torch.device("cpu"), []
+    for scaler in (None, fp16_scaler(2.0**12)):
+        nets = build_networks(cfg, cpu, world_size=1)
+        assert not nets.scaler.is_enabled()  # train.amp: none
+        if scaler is not None:
+            nets.scaler = scaler
+        torch.manual_seed(0)  # the same dropout draws
+        faults = FaultInjector(cfg, rank=0, world_size=1)
+        loop.train_one_epoch(cfg, nets, TrainState(), 0, 2, faults, cpu, 0, 1)
+        weights.append([p.detach().clone() for p in nets.module.parameters()])
+    moved = 0
+    for plain, scaled in zip(*weights, strict=True):
+        torch.testing.assert_close(scaled, plain, rtol=1e-5, atol=1e-6)
+        moved += 1
+    assert moved > 10
+
+
+def test_the_loss_scale_goes_into_the_checkpoint_and_back(tmp_path):
+    from dssn.train.state import gather_rng, restore_run, save_run
+
+    cfg, cpu = tiny_cfg(), torch.device("cpu")
+    nets = build_networks(cfg, cpu, world_size=1)
+    nets.scaler = fp16_scaler(2.0**7)
+    save_run(tmp_path, nets, TrainState(epoch=1, iteration=3), cfg, gather_rng(1))
+    fresh = build_networks(cfg, cpu, world_size=1)
+    fresh.scaler = fp16_scaler(2.0**16)
+    state = restore_run(tmp_path, fresh, cfg, 0, 1)
+    assert fresh.scaler.get_scale() == 2.0**7 and state.grad_scaler["scale"] == 2.0**7
+    plain = build_networks(cfg, cpu, world_size=1)  # train.amp: none: nothing to restore
+    restore_run(tmp_path, plain, cfg, 0, 1)
+    assert not plain.scaler.is_enabled()

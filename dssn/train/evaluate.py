@@ -136,18 +136,31 @@ def cpu_has_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def amp_enabled(cfg: Config, device: torch.device) -> bool:
-    """``train.amp == 'bf16'`` on CUDA, or on a CPU with native bf16."""
-    if cfg.train.amp != "bf16":
-        return False
-    return device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
+    """``train.amp`` ``bf16`` on CUDA or on a CPU with native bf16; ``fp16`` on CUDA only (on
+    a CPU float16 is emulated: slower than float32)."""
+    if cfg.train.amp == "bf16":
+        return device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
+    return cfg.train.amp == "fp16" and device.type == "cuda"
+
+
+def amp_fallback_note(cfg: Config, device: torch.device) -> str | None:
+    """Why ``train.amp`` does not apply on ``device`` (the run computes in float32), or None."""
+    if cfg.train.amp == "none" or amp_enabled(cfg, device):
+        return None
+    if cfg.train.amp == "bf16":
+        return "train.amp=bf16: this CPU has no native bf16 (AVX512-BF16/AMX); float32"
+    return f"train.amp=fp16 applies on CUDA only; float32 on {device.type}"
 
 
 def autocast_for(cfg: Config, device: torch.device):
-    """bf16 autocast where :func:`amp_enabled`; a no-op elsewhere. The weights, the optimizer,
-    the EMA and the loss block stay float32."""
+    """bf16 / fp16 autocast where :func:`amp_enabled`; a no-op elsewhere. The weights, the
+    optimizer, the EMA and the loss block stay float32."""
     if amp_enabled(cfg, device):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=AMP_DTYPES[cfg.train.amp])
     return nullcontext()
 
 

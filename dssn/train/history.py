@@ -49,6 +49,7 @@ def epoch_record(state: TrainState, train: dict[str, Any], evaluated: bool) -> d
         "student_miou": state.student_miou if evaluated else None,
         "restarts": state.restarts,
         "nan_skipped": state.nan_skipped,
+        "overflow_skipped": state.overflow_skipped,
     }
     record.update((k, v) for k, v in train.items() if k not in LEFT_OUT)
     return record

@@ -26,7 +26,7 @@ from dssn.config import Config, from_dict
 from dssn.data.format import read_dataset_info
 from dssn.data.pipeline import iter_train_batches, iter_val_samples, iters_per_epoch, to_device
 from dssn.method import step
-from dssn.train.evaluate import amp_enabled, autocast_for, evaluate
+from dssn.train.evaluate import amp_fallback_note, autocast_for, evaluate
 from dssn.train.faults import FaultInjector
 from dssn.train.history import epoch_record
 from dssn.train.meter import MetricMeter, image_count
@@ -45,6 +45,24 @@ def all_finite(loss: torch.Tensor, world_size: int) -> bool:
     if world_size > 1:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item())
+
+
+def backward_and_step(nets: Networks, loss: torch.Tensor, world_size: int) -> bool | None:
+    """Backward pass and optimizer step. True: stepped. None: the loss is not finite on some
+    worker (nothing updated; ``train.nan_policy`` decides). False: the loss is finite but fp16
+    gradients overflowed at the current loss scale, so the GradScaler skipped the step and
+    lowered the scale (train.amp=fp16; a few such steps at the start of a run are normal)."""
+    nets.optimizer.zero_grad(set_to_none=True)
+    nets.scaler.scale(loss).backward()
+    if not all_finite(loss, world_size):
+        return None
+    if not nets.scaler.is_enabled():
+        nets.optimizer.step()
+        return True
+    scale = nets.scaler.get_scale()
+    nets.scaler.step(nets.optimizer)  # skips the step if a gradient is inf/NaN (all-reduced)
+    nets.scaler.update()
+    return nets.scaler.get_scale() >= scale  # update() lowers the scale only after a skip
 
 
 def log(rank: int, message: str) -> None:
@@ -127,12 +145,13 @@ def train_one_epoch(
                 nets.student, nets.teacher, batch, cfg, iteration=state.iteration, epoch=epoch
             )
         loss = faults.maybe_nan(loss, state.iteration)
-        nets.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if all_finite(loss, world_size):
-            nets.optimizer.step()
+        stepped = backward_and_step(nets, loss, world_size)
+        if stepped:
             nets.ema.update(nets.module)
             meter.add(metrics, loss, image_count(batch))
+        elif stepped is not None:  # fp16: the loss scale was too high; the scaler lowered it
+            state.overflow_skipped += 1
+            meter.skip(image_count(batch))
         elif cfg.train.nan_policy == "error":
             raise NonFiniteLossError(
                 f"non-finite loss ({loss.item()}) at epoch {epoch + 1}/{cfg.train.epochs}, "
@@ -210,6 +229,7 @@ def epoch_report(state: TrainState, train: dict[str, float], evaluated: bool) ->
         "evaluated": evaluated,
         "evaluated_epoch": state.evaluated_epoch,
         "nan_skipped": state.nan_skipped,
+        "overflow_skipped": state.overflow_skipped,
         "restarts": state.restarts,
         **train,
     }
@@ -225,8 +245,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL object collectives use the current device
-    if cfg.train.amp == "bf16" and not amp_enabled(cfg, device):
-        log(rank, "train.amp=bf16: this CPU has no native bf16 (AVX512-BF16/AMX); float32")
+    if (note := amp_fallback_note(cfg, device)) is not None:
+        log(rank, note)
     nets = build_networks(cfg, device, world_size)
     torch.manual_seed(cfg.train.seed + rank)  # distinct dropout streams per worker
 

@@ -8,7 +8,7 @@ from it, so the teacher starts identical everywhere. The teacher stays outside D
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dssn.config import Config
 from dssn.method import EMATeacher
 from dssn.model import build_model
+from dssn.train.evaluate import amp_enabled
 from dssn.train.schedule import build_optimizer
 from dssn.train.sync_bn import convert_sync_batchnorm
 
@@ -29,6 +30,11 @@ class Networks:
     module: nn.Module  # the student network itself (for the optimizer, EMA, eval, saving)
     ema: EMATeacher  # ema.teacher: the EMA network, in train mode like the reference
     optimizer: torch.optim.Optimizer
+    # loss scaling for float16 autocast (train.amp=fp16 on CUDA); a disabled one passes the
+    # loss and the optimizer step through unchanged
+    scaler: torch.amp.GradScaler = field(
+        default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False)
+    )
 
     @property
     def teacher(self) -> nn.Module:
@@ -61,4 +67,6 @@ def build_networks(cfg: Config, device: torch.device, world_size: int) -> Networ
         )
     ema = EMATeacher(module, momentum=cfg.dssn.ema, fused=cfg.dssn.fused_ema)
     optimizer = build_optimizer(module, cfg.optim)
-    return Networks(student=student, module=module, ema=ema, optimizer=optimizer)
+    fp16 = cfg.train.amp == "fp16" and amp_enabled(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+    return Networks(student=student, module=module, ema=ema, optimizer=optimizer, scaler=scaler)

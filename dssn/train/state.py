@@ -36,6 +36,8 @@ class TrainState:
     student_iou: list[float] = field(default_factory=list)
     evaluated_epoch: int = 0
     nan_skipped: int = 0  # steps skipped for a non-finite loss (nan_policy: skip)
+    overflow_skipped: int = 0  # fp16 steps the GradScaler skipped (gradients overflowed)
+    grad_scaler: dict[str, Any] = field(default_factory=dict)  # its state (train.amp=fp16)
     restarts: int = 0  # times the run was resumed from a checkpoint
     ema_updates: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)  # dssn.train.history records
@@ -90,6 +92,7 @@ def save_run(
 ) -> Path:
     """Write the full training checkpoint of a run (rank 0 calls this)."""
     state.ema_updates = ema_update_count(nets)
+    state.grad_scaler = nets.scaler.state_dict() if nets.scaler.is_enabled() else {}
     payload = {
         **state.to_dict(),
         "world_size": len(rng),
@@ -122,6 +125,8 @@ def restore_run(
     nets.optimizer.load_state_dict(ckpt.load_file(directory / ckpt.OPTIMIZER))
     state = TrainState.from_dict(saved)
     set_ema_update_count(nets, state.ema_updates)
+    if nets.scaler.is_enabled() and state.grad_scaler:
+        nets.scaler.load_state_dict(state.grad_scaler)  # the loss scale it had reached
     rng_path = directory / ckpt.RNG
     if rng_path.is_file():
         rng = ckpt.load_file(rng_path)

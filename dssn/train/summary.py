@@ -37,6 +37,11 @@ def headline(metrics: dict[str, Any]) -> str:
         f"student mIoU best {100 * metrics['best_student_miou']:.2f}, final "
         f"{100 * metrics['final_student_miou']:.2f}; restarts {metrics['restarts']}, "
         f"skipped non-finite steps {metrics['nan_skipped']}"
+        + (
+            f", fp16 overflow steps {metrics['overflow_skipped']}"
+            if metrics.get("overflow_skipped")
+            else ""
+        )
     )
 
 
