@@ -137,6 +137,7 @@ class TrainConfig:
     # without bf16, e.g. V100, T4)
     amp: str = "none"
     channels_last: bool = False
+    tensorboard: bool = True  # rank 0 writes <run_dir>/tensorboard/ (local storage)
     sync_bn: bool = True  # SyncBatchNorm when more than one worker
     keep_checkpoints: int = 2
     max_failures: int = 0

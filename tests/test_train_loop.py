@@ -264,3 +264,64 @@ def test_the_loss_scale_goes_into_the_checkpoint_and_back(tmp_path):
     plain = build_networks(cfg, cpu, world_size=1)  # train.amp: none: nothing to restore
     restore_run(tmp_path, plain, cfg, 0, 1)
     assert not plain.scaler.is_enabled()
+
+
+def board_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar TensorBoard shows for ``log_dir``: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+
+
+def test_log_lines_go_to_tensorboard_at_the_global_iteration(run_epoch, monkeypatch, tmp_path):
+    from dssn.train.board import Board
+
+    cfg = tiny_cfg(iters_per_epoch=4)  # log_every 2: at iterations 2 and 4
+    board = Board(str(tmp_path))
+    real = loop.train_one_epoch
+    monkeypatch.setattr(loop, "train_one_epoch", lambda *a, **k: real(*a, **{**k, "board": board}))
+    run_epoch(cfg, TrainState())
+    board.close()
+    scalars = board_scalars(tmp_path)
+    for tag in ("train/loss", "train/loss_x", "train/mask_ratio", "train/lr", "train/data_wait"):
+        assert [step for step, _ in scalars[tag]] == [2, 4], tag
+    lr = [v for _, v in scalars["train/lr"]]
+    assert lr[0] > lr[1] > 0  # poly decay, as the log line prints it
+    assert all(v > 0 for _, v in scalars["train/images_per_s"])
+
+
+def test_a_resumed_board_hides_what_the_interrupted_attempt_logged_after_its_checkpoint(
+    tmp_path,
+):
+    from dssn.train.board import open_board
+
+    cfg = tiny_cfg()
+    cfg.train.storage, cfg.train.name = str(tmp_path), "run"
+    first = open_board(cfg, rank=0, resumed_from=0)
+    for step in range(1, 6):  # the checkpoint was at 3; the attempt died after logging 5
+        first.scalars("train", {"loss": float(step)}, step)
+    first.scalars("eval", {"teacher_miou": 0.5, "skipped": float("nan")}, 3)
+    first.close()
+    again = open_board(cfg, rank=0, resumed_from=3)
+    for step in (4, 5, 6):
+        again.scalars("train", {"loss": 10.0 * step}, step)
+    again.close()
+    scalars = board_scalars(tmp_path / "run" / "tensorboard")
+    assert scalars["train/loss"] == [(1, 1), (2, 2), (3, 3), (4, 40), (5, 50), (6, 60)]
+    assert scalars["eval/teacher_miou"] == [(3, 0.5)]  # the checkpoint's evaluation stays
+    assert "eval/skipped" not in scalars  # not finite: not drawn
+
+
+def test_only_rank_0_with_local_storage_writes_a_board(tmp_path):
+    from dssn.train.board import open_board
+
+    cfg = tiny_cfg()
+    cfg.train.storage = str(tmp_path)
+    assert open_board(cfg, rank=1, resumed_from=0) is None
+    cfg.train.tensorboard = False
+    assert open_board(cfg, rank=0, resumed_from=0) is None
+    cfg.train.tensorboard, cfg.train.storage = True, "s3://bucket/runs"
+    assert open_board(cfg, rank=0, resumed_from=0) is None
+    assert not any(tmp_path.iterdir())

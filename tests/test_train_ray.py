@@ -115,6 +115,23 @@ def test_killed_worker_run_resumes_from_the_checkpoint_iteration(main_run):
     assert m["iteration"] == EPOCHS * ITERS
 
 
+def test_tensorboard_shows_each_step_and_evaluation_once_across_the_restart(main_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run_dir, m = main_run
+    board = EventAccumulator(str(run_dir / "tensorboard"))
+    board.Reload()
+    records = history.read_csv(run_dir / history.HISTORY_CSV)
+    teacher = [(e.step, e.value) for e in board.Scalars("eval/teacher_miou")]
+    assert [step for step, _ in teacher] == [ITERS, 2 * ITERS]  # epoch 1's from the first attempt
+    for (_, value), record in zip(teacher, records, strict=True):
+        assert value == pytest.approx(record["teacher_miou"], abs=1e-6)
+    assert teacher[-1][1] == pytest.approx(m["teacher_miou"], abs=1e-6)
+    assert len(board.Scalars("eval/teacher_iou/background")) == EPOCHS
+    steps = [e.step for e in board.Scalars("train/lr")]  # log_every 1: every step, once
+    assert steps == list(range(1, EPOCHS * ITERS + 1))
+
+
 def test_a_local_ray_starts_no_preemption_watcher(main_run):
     """One local node is never drained: the Train controller of a local Ray started by dssn
     runs without its PreemptionWatcher actor (the state API lists dead actors too)."""

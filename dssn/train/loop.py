@@ -26,6 +26,7 @@ from dssn.config import Config, from_dict
 from dssn.data.format import read_dataset_info
 from dssn.data.pipeline import iter_train_batches, iter_val_samples, iters_per_epoch, to_device
 from dssn.method import step
+from dssn.train.board import Board, eval_scalars, open_board
 from dssn.train.evaluate import amp_fallback_note, autocast_for, evaluate
 from dssn.train.faults import FaultInjector
 from dssn.train.history import epoch_record
@@ -115,10 +116,12 @@ def train_one_epoch(
     rank: int,
     world_size: int,
     batches: Iterator[dict[str, torch.Tensor]] | None = None,
+    board: Board | None = None,
 ) -> dict[str, float]:
     """One epoch of DSSN steps on this worker; returns the epoch's metrics (all workers).
     ``batches``: raw batches to train on instead of the Ray Data streams
-    (:func:`iter_train_batches`), e.g. in-memory ones (``benchmarks/ddp_cpu.py``)."""
+    (:func:`iter_train_batches`), e.g. in-memory ones (``benchmarks/ddp_cpu.py``).
+    ``board``: where rank 0 also puts each log line's figures (TensorBoard)."""
     meter = MetricMeter(device)
     per_epoch = total_iters // cfg.train.epochs
     batches = iter(iter_train_batches(cfg, epoch) if batches is None else batches)
@@ -175,11 +178,15 @@ def train_one_epoch(
             window = meter.window_means()  # the only host sync of the metrics
             rate = meter.window_images * world_size / max(now - last_log, 1e-9)
             parts = " ".join(f"{k} {v:.4g}" for k, v in window.items())
+            wait_share = window_wait / max(now - last_log, 1e-9)
+            if board is not None:
+                figures = {"lr": lr, "images_per_s": rate, "data_wait": wait_share}
+                board.scalars("train", {**window, **figures}, state.iteration)
             log(
                 rank,
                 f"epoch {epoch + 1}/{cfg.train.epochs} step {i}/{per_epoch} "
                 f"(iter {state.iteration}) {parts} lr {lr:.3g} img/s {rate:.1f} "
-                f"data_wait {window_wait / max(now - last_log, 1e-9):.1%} "
+                f"data_wait {wait_share:.1%} "
                 + remaining(cfg, epoch, state.iteration, per_epoch, now - last_log),
             )
             meter.reset_window()
@@ -260,16 +267,37 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             f"resumed from {checkpoint.path}: epoch {state.epoch}, iteration "
             f"{state.iteration} (restart {state.restarts})",
         )
-    resumed_from = state.iteration
-    dataset = read_dataset_info(cfg.data.root) if rank == 0 else None
     faults = FaultInjector(cfg, rank, world_size, ctx.get_storage())
     total_iters = cfg.train.epochs * iters_per_epoch(cfg, world_size)
     if state.epoch >= cfg.train.epochs:
         log(rank, f"run already complete ({state.epoch} epochs): nothing to do")
+        return
+    board = open_board(cfg, rank, resumed_from=state.iteration)
+    try:
+        train_epochs(cfg, nets, state, total_iters, faults, device, rank, world_size, board)
+    finally:
+        if board is not None:
+            board.close()
 
+
+def train_epochs(
+    cfg: Config,
+    nets: Networks,
+    state: TrainState,
+    total_iters: int,
+    faults: FaultInjector,
+    device: torch.device,
+    rank: int,
+    world_size: int,
+    board: Board | None,
+) -> None:
+    """The epochs from ``state.epoch`` on: train, evaluate when due, report with a checkpoint."""
+    resumed_from = state.iteration
+    dataset = read_dataset_info(cfg.data.root) if rank == 0 else None
+    classes = (dataset or {}).get("classes")
     for epoch in range(state.epoch, cfg.train.epochs):
         train = train_one_epoch(
-            cfg, nets, state, epoch, total_iters, faults, device, rank, world_size
+            cfg, nets, state, epoch, total_iters, faults, device, rank, world_size, board=board
         )
         state.epoch = epoch + 1
         evaluated = state.epoch % cfg.train.eval_every == 0 or state.epoch == cfg.train.epochs
@@ -289,6 +317,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             f"{state.best_teacher_miou:.4f} at epoch {state.best_epoch}), "
             f"{train['images_per_s']:.1f} img/s, data wait {train['data_wait']:.1%}",
         )
+        if board is not None:
+            if evaluated:
+                board.scalars("eval", eval_scalars(state, classes), state.iteration)
+            epoch_figures = ("images_per_s", "images_per_s_steady", "data_wait", "data_wait_steady")
+            board.scalars("epoch", {k: train[k] for k in epoch_figures}, state.iteration)
+            board.flush()
         report(metrics, nets, state, cfg, rank, world_size, dataset)
 
 
