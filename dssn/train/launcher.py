@@ -309,6 +309,8 @@ def fit(cfg: Config, *, resume: bool = True):
     config_path = save_config(cfg)
     verb = "continuing" if continuing else "starting"
     print(f"dssn: {verb} run {run_dir(cfg)} (config: {config_path})", flush=True)
+    if cfg.train.tensorboard and "://" not in run_dir(cfg):
+        print(f"dssn: curves while it trains: tensorboard --logdir {run_dir(cfg)}", flush=True)
     result = build_trainer(cfg).fit()
     print(f"dssn: results in {run_dir(cfg)}", flush=True)
     if result.checkpoint is not None:
