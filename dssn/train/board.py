@@ -10,9 +10,10 @@ Rank 0 writes ``<run_dir>/tensorboard/``, against the global iteration:
 
 A resumed run opens the same directory with ``purge_step`` just past the iteration it resumes
 from, so TensorBoard hides what the interrupted attempt logged after its last checkpoint (that
-checkpoint's own evaluation stays) and the curves continue without a doubled stretch. With a storage URI (``s3://…``) nothing is written (the
-event files need a local or mounted path); ``history.csv`` and the checkpoints' ``state.json``
-hold the per-epoch figures there. ``train.tensorboard=false`` turns it off.
+checkpoint's own evaluation stays) and the curves continue without a doubled stretch. With a
+storage URI (``s3://…``) nothing is written (the event files need a local or mounted path);
+the checkpoints' ``state.json`` hold the per-epoch figures there. ``train.tensorboard=false``
+turns it off.
 """
 
 from __future__ import annotations
