@@ -19,6 +19,8 @@ from dssn.train.launcher import (
     save_config,
 )
 
+DIGITS_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
+
 
 def test_relative_paths_become_absolute_for_the_workers(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -177,3 +179,23 @@ def test_the_parts_a_method_reads_must_have_rows(tiny_digits, tmp_path):
         check_training_data(load_config(CONFIG, [f"data.root={tmp_path}"]))
     supervised = load_config(CONFIG, [f"data.root={tmp_path}", "method=supervised"])
     assert check_training_data(supervised)["counts"]["unlabeled"] == 0  # it reads no unlabeled
+
+
+def test_print_config_shows_the_resolved_settings_and_starts_nothing(tmp_path, capsys):
+    import ray
+    import yaml
+
+    from dssn.cli import main
+
+    storage = tmp_path / "runs"
+    code = main([
+        "train", "--config", str(DIGITS_CONFIG), "--print-config", "--workers", "2",
+        "--storage", str(storage), "train.epochs=3", "temperature=0.2", "data.root=/nowhere",
+    ])  # fmt: skip
+    assert code == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["train"]["epochs"] == 3 and shown["train"]["workers"] == 2
+    assert shown["dssn"]["temperature"] == 0.2  # a unique name resolves to its dotted path
+    assert shown["train"]["amp"] == "bf16"  # from the file; the rest from the defaults
+    assert shown["optim"]["momentum"] == Config().optim.momentum
+    assert not storage.exists() and not ray.is_initialized()  # no data read, nothing started

@@ -1,7 +1,8 @@
 """``dssn train``, ``dssn eval``, ``dssn predict`` and ``dssn compare``.
 
     dssn train --config configs/digits.yaml [--workers N] [--gpus-per-worker G]
-               [--cpus-per-worker C] [--storage PATH] [--name NAME] [key=value ...]
+               [--cpus-per-worker C] [--storage PATH] [--name NAME] [--print-config]
+               [key=value ...]
     dssn eval --checkpoint DIR|FILE.pth --data SHARDS [--mode M] [--out DIR]
     dssn predict --checkpoint DIR --images DIR --out DIR
     dssn compare RUN_DIR [RUN_DIR ...] [--which final|best] [--out DIR]
@@ -30,6 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="run name (train.name); the same name continues a run")
     p.add_argument(
         "--no-resume", action="store_true", help="refuse to continue an existing run of that name"
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (file, flags and overrides over the defaults) and exit",
     )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=train_command)
@@ -100,13 +106,17 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def train_command(args: argparse.Namespace) -> int:
+    from dssn.config import load_config
+
+    cfg = load_config(args.config, train_overrides(args))
+    if args.print_config:  # what the run would train with; nothing is read, started or written
+        sys.stdout.write(cfg.to_yaml())
+        return 0
     import ray
 
-    from dssn.config import load_config
     from dssn.data.pipeline import check_training_data
     from dssn.train.launcher import ensure_ray, finished_run, fit, run_dir
 
-    cfg = load_config(args.config, train_overrides(args))
     done = None if args.no_resume else finished_run(cfg)
     if done is not None:  # nothing to train: no Ray start, the summary of the run as it ended
         directory, state = done
