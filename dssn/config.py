@@ -138,6 +138,7 @@ class TrainConfig:
     amp: str = "none"
     channels_last: bool = False
     tensorboard: bool = True  # rank 0 writes <run_dir>/tensorboard/ (local storage)
+    board_images: int = 4  # val images whose teacher prediction TensorBoard shows each eval
     sync_bn: bool = True  # SyncBatchNorm when more than one worker
     keep_checkpoints: int = 2
     max_failures: int = 0

@@ -325,3 +325,56 @@ def test_only_rank_0_with_local_storage_writes_a_board(tmp_path):
     cfg.train.tensorboard, cfg.train.storage = True, "s3://bucket/runs"
     assert open_board(cfg, rank=0, resumed_from=0) is None
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("mode", ["original", "center_crop"])
+def test_prediction_pictures_show_image_truth_and_prediction_side_by_side(mode):
+    import numpy as np
+
+    from dssn.model import build_model
+    from dssn.train.board import IGNORE_COLOUR, prediction_pictures
+    from dssn.train.evaluate import normalize, segment
+
+    cfg = tiny_cfg()
+    cfg.data.eval_mode, cfg.data.eval_crop = mode, 16
+    torch.manual_seed(0)
+    model = build_model(cfg.model).train()
+    gen = torch.Generator().manual_seed(1)
+    image = torch.randint(0, 256, (3, 20, 24), generator=gen, dtype=torch.uint8)
+    mask = torch.randint(0, CLASSES, (20, 24), generator=gen, dtype=torch.uint8)
+    mask[10, :] = 255  # an ignored row, inside the central crop too
+    palette = np.array([[10, 20, 30], [40, 50, 60], [70, 80, 90]], np.uint8)
+    (picture,) = prediction_pictures(model, [(image, mask)], cfg, torch.device("cpu"), palette)
+    assert model.training  # back in the mode it was in
+    h, w = (16, 16) if mode == "center_crop" else (20, 24)
+    top, left = (20 - h) // 2, (24 - w) // 2
+    assert picture.shape == (h, 3 * w, 3) and picture.dtype == np.uint8
+    shown, truth, predicted = picture[:, :w], picture[:, w : 2 * w], picture[:, 2 * w :]
+    assert np.array_equal(shown, image[:, top : top + h, left : left + w].permute(1, 2, 0).numpy())
+    cropped = mask[top : top + h, left : left + w].numpy()
+    assert np.array_equal(
+        truth[cropped == 255], np.full(((cropped == 255).sum(), 3), IGNORE_COLOUR)
+    )
+    assert np.array_equal(truth[cropped != 255], palette[cropped[cropped != 255]])
+    with torch.no_grad():
+        pred, _ = segment(model.eval(), normalize(image, cfg, torch.device("cpu")), mode, 16, 2 / 3)
+    assert np.array_equal(predicted, palette[pred[0].numpy()])
+
+
+def test_large_prediction_pictures_are_subsampled(monkeypatch):
+    import numpy as np
+
+    from dssn.model import build_model
+    from dssn.train import board
+
+    monkeypatch.setattr(board, "PREVIEW_SIDE", 12)  # a 20 x 24 image: every 2nd pixel
+    cfg = tiny_cfg()
+    model = build_model(cfg.model)
+    image = torch.arange(3 * 20 * 24, dtype=torch.int32).remainder(256).byte().view(3, 20, 24)
+    mask = torch.zeros(20, 24, dtype=torch.uint8)
+    palette = np.zeros((CLASSES, 3), np.uint8)
+    (picture,) = board.prediction_pictures(
+        model, [(image, mask)], cfg, torch.device("cpu"), palette
+    )
+    assert picture.shape == (10, 36, 3)
+    assert np.array_equal(picture[:, :12], image[:, ::2, ::2].permute(1, 2, 0).numpy())

@@ -130,6 +130,9 @@ def test_tensorboard_shows_each_step_and_evaluation_once_across_the_restart(main
     assert len(board.Scalars("eval/teacher_iou/background")) == EPOCHS
     steps = [e.step for e in board.Scalars("train/lr")]  # log_every 1: every step, once
     assert steps == list(range(1, EPOCHS * ITERS + 1))
+    # the first val images, with their ground truth and the teacher's prediction
+    assert board.Tags()["images"] == [f"predictions/{i}" for i in range(4)]
+    assert [e.step for e in board.Images("predictions/0")] == [ITERS, 2 * ITERS]
 
 
 def test_a_local_ray_starts_no_preemption_watcher(main_run):

@@ -6,7 +6,10 @@ Rank 0 writes ``<run_dir>/tensorboard/``, against the global iteration:
   share of pseudo-labels selected, the learning rate, images/s, the data-wait share);
 - ``eval/*`` at each evaluation: teacher and student mIoU, and the teacher's IoU of every
   class (``eval/teacher_iou/<class>``);
-- ``epoch/*`` at each epoch's end: images/s and the data-wait share over the epoch.
+- ``epoch/*`` at each epoch's end: images/s and the data-wait share over the epoch;
+- ``predictions/<i>`` at each evaluation: the first ``train.board_images`` val images, each as
+  one picture of the image, its ground truth and the teacher's prediction side by side, in the
+  dataset's palette (ignore white), inferred as the evaluation does (``data.eval_mode``).
 
 A resumed run opens the same directory with ``purge_step`` just past the iteration it resumes
 from, so TensorBoard hides what the interrupted attempt logged after its last checkpoint (that
@@ -19,11 +22,18 @@ turns it off.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
 
 from dssn.config import Config
 
 BOARD_DIR = "tensorboard"
+PREVIEW_SIDE = 512  # longest side of each part of a prediction picture (larger: subsampled)
+IGNORE_COLOUR = (255, 255, 255)
 
 
 class Board:
@@ -42,6 +52,11 @@ class Board:
                 continue
             if math.isfinite(value):
                 self._writer.add_scalar(f"{prefix}/{name}", value, step)
+
+    def pictures(self, prefix: str, pictures: list[np.ndarray], step: int) -> None:
+        """``<prefix>/<i>`` for each (H, W, 3) uint8 picture."""
+        for i, picture in enumerate(pictures):
+            self._writer.add_image(f"{prefix}/{i}", picture, step, dataformats="HWC")
 
     def flush(self) -> None:
         self._writer.flush()
@@ -70,4 +85,40 @@ def eval_scalars(state: Any, classes: list[str] | None) -> dict[str, float]:
     for i, iou in enumerate(state.teacher_iou):
         name = classes[i] if classes and i < len(classes) else str(i)
         out[f"teacher_iou/{name.replace(' ', '_')}"] = iou
+    return out
+
+
+@torch.no_grad()
+def prediction_pictures(
+    model: nn.Module,
+    samples: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    cfg: Config,
+    device: torch.device,
+    palette: np.ndarray,
+) -> list[np.ndarray]:
+    """For each (image uint8 (3, H, W), mask (H, W)) sample: image | ground truth | prediction
+    as one (H, 3W, 3) uint8 picture. ``model`` predicts in eval mode under the run's autocast
+    and ``data.eval_mode`` (a ``center_crop`` shows the crop); the masks are drawn with
+    ``palette`` ((C, 3) uint8), ignore (255) in white. Parts larger than ``PREVIEW_SIDE`` are
+    subsampled."""
+    from dssn.train.evaluate import autocast_for, eval_mode, normalize, segment
+
+    crop = cfg.data.eval_crop or cfg.data.crop_size
+    colours = np.zeros((256, 3), np.uint8)
+    colours[: len(palette)] = palette
+    colours[255] = IGNORE_COLOUR
+    out = []
+    with eval_mode([model]), autocast_for(cfg, device):
+        for image, mask in samples:
+            x = normalize(image, cfg, device)
+            target = mask.to(device).long().unsqueeze(0)
+            pred, target = segment(model, x, cfg.data.eval_mode, crop, cfg.data.eval_stride, target)
+            height, width = pred.shape[-2:]
+            top, left = (image.shape[-2] - height) // 2, (image.shape[-1] - width) // 2
+            shown = image[:, top : top + height, left : left + width].permute(1, 2, 0).numpy()
+            truth = colours[target[0].cpu().numpy().astype(np.uint8)]
+            predicted = colours[pred[0].cpu().numpy().astype(np.uint8)]
+            step = math.ceil(max(height, width) / PREVIEW_SIDE)
+            parts = [part[::step, ::step] for part in (shown, truth, predicted)]
+            out.append(np.concatenate(parts, axis=1))
     return out

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from itertools import islice
 from typing import Any
 
 import ray.train
@@ -26,10 +27,11 @@ from dssn.config import Config, from_dict
 from dssn.data.format import read_dataset_info
 from dssn.data.pipeline import iter_train_batches, iter_val_samples, iters_per_epoch, to_device
 from dssn.method import step
-from dssn.train.board import Board, eval_scalars, open_board
+from dssn.train.board import Board, eval_scalars, open_board, prediction_pictures
 from dssn.train.evaluate import amp_fallback_note, autocast_for, evaluate
 from dssn.train.faults import FaultInjector
 from dssn.train.history import epoch_record
+from dssn.train.inference import palette_for
 from dssn.train.meter import MetricMeter, image_count
 from dssn.train.schedule import BACKBONE, set_poly_lr
 from dssn.train.setup import Networks, build_networks, worker_threads
@@ -295,6 +297,10 @@ def train_epochs(
     resumed_from = state.iteration
     dataset = read_dataset_info(cfg.data.root) if rank == 0 else None
     classes = (dataset or {}).get("classes")
+    preview, palette = [], None  # the val images whose predictions the board shows
+    if board is not None and cfg.train.board_images > 0:
+        preview = list(islice(iter_val_samples(cfg, rank=0, world_size=1), cfg.train.board_images))
+        palette = palette_for(cfg.model.num_classes, dataset)
     for epoch in range(state.epoch, cfg.train.epochs):
         train = train_one_epoch(
             cfg, nets, state, epoch, total_iters, faults, device, rank, world_size, board=board
@@ -320,6 +326,9 @@ def train_epochs(
         if board is not None:
             if evaluated:
                 board.scalars("eval", eval_scalars(state, classes), state.iteration)
+                if preview:
+                    pictures = prediction_pictures(nets.teacher, preview, cfg, device, palette)
+                    board.pictures("predictions", pictures, state.iteration)
             epoch_figures = ("images_per_s", "images_per_s_steady", "data_wait", "data_wait_steady")
             board.scalars("epoch", {k: train[k] for k in epoch_figures}, state.iteration)
             board.flush()
