@@ -312,6 +312,12 @@ def test_a_resumed_board_hides_what_the_interrupted_attempt_logged_after_its_che
     assert scalars["train/loss"] == [(1, 1), (2, 2), (3, 3), (4, 40), (5, 50), (6, 60)]
     assert scalars["eval/teacher_miou"] == [(3, 0.5)]  # the checkpoint's evaluation stays
     assert "eval/skipped" not in scalars  # not finite: not drawn
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    (config,) = acc.Tensors("config/text_summary")  # written once, by the fresh start
+    assert "    name: dssn" in config.tensor_proto.string_val[0].decode()
 
 
 def test_only_rank_0_with_local_storage_writes_a_board(tmp_path):

@@ -7,6 +7,7 @@ Rank 0 writes ``<run_dir>/tensorboard/``, against the global iteration:
 - ``eval/*`` at each evaluation: teacher and student mIoU, and the teacher's IoU of every
   class (``eval/teacher_iou/<class>``);
 - ``epoch/*`` at each epoch's end: images/s and the data-wait share over the epoch;
+- ``config`` (text), when the run starts: the resolved config it trains with;
 - ``predictions/<i>`` at each evaluation: the first ``train.board_images`` val images, each as
   one picture of the image, its ground truth and the teacher's prediction side by side, in the
   dataset's palette (ignore white), inferred as the evaluation does (``data.eval_mode``).
@@ -58,6 +59,10 @@ class Board:
         for i, picture in enumerate(pictures):
             self._writer.add_image(f"{prefix}/{i}", picture, step, dataformats="HWC")
 
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        """Markdown text (TensorBoard's Text tab)."""
+        self._writer.add_text(tag, text, step)
+
     def flush(self) -> None:
         self._writer.flush()
 
@@ -73,9 +78,12 @@ def open_board(cfg: Config, rank: int, resumed_from: int) -> Board | None:
     if rank != 0 or not cfg.train.tensorboard or "://" in cfg.train.storage:
         return None
     # the resumed attempt logs from resumed_from + 1 on: hide the earlier attempt's events there
-    return Board(
+    board = Board(
         f"{run_dir(cfg)}/{BOARD_DIR}", purge_step=resumed_from + 1 if resumed_from else None
     )
+    if not resumed_from:  # indented four spaces: a code block in Markdown
+        board.text("config", "".join(f"    {line}\n" for line in cfg.to_yaml().splitlines()))
+    return board
 
 
 def eval_scalars(state: Any, classes: list[str] | None) -> dict[str, float]:
