@@ -228,6 +228,18 @@ def test_fp16_overflow_skips_the_step_lowers_the_scale_and_counts(monkeypatch):
     assert not torch.equal(param.detach(), before[next(iter(before))])
 
 
+def test_fp16_log_lines_show_the_loss_scale(monkeypatch, capsys):
+    cfg = tiny_cfg(iters_per_epoch=2)  # log_every 2
+    nets = build_networks(cfg, torch.device("cpu"), world_size=1)
+    nets.scaler = fp16_scaler(2.0**5)
+    monkeypatch.setattr(loop, "iter_train_batches", fake_batches)
+    monkeypatch.setattr(loop, "to_device", to_device)
+    faults = FaultInjector(cfg, rank=0, world_size=1)
+    loop.train_one_epoch(cfg, nets, TrainState(), 0, 4, faults, torch.device("cpu"), 0, 1)
+    line = capsys.readouterr().out
+    assert "loss_scale 128 overflow_skipped 0" in line  # grown after each good step
+
+
 def test_a_loss_scaled_step_equals_the_plain_one(monkeypatch):
     """The scaler unscales the gradients before the optimizer sees them."""
     monkeypatch.setattr(loop, "iter_train_batches", fake_batches)

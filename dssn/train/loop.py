@@ -179,6 +179,9 @@ def train_one_epoch(
             now = time.perf_counter()
             window = meter.window_means()  # the only host sync of the metrics
             rate = meter.window_images * world_size / max(now - last_log, 1e-9)
+            if nets.scaler.is_enabled():  # fp16: the loss scale, and the steps it skipped
+                window["loss_scale"] = nets.scaler.get_scale()
+                window["overflow_skipped"] = state.overflow_skipped
             parts = " ".join(f"{k} {v:.4g}" for k, v in window.items())
             wait_share = window_wait / max(now - last_log, 1e-9)
             if board is not None:
