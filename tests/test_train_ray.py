@@ -13,6 +13,7 @@ Each TorchTrainer start costs ~15-20 s here, so the scenarios share two runs:
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from PIL import Image
 from dssn.cli import main
 from dssn.config import Config, load_config
 from dssn.data.format import read_dataset_info
+from dssn.data.pipeline import iter_val_samples
 from dssn.train import checkpoint as ckpt
 from dssn.train import history
 from dssn.train.inference import load_for_inference
@@ -215,7 +217,16 @@ def test_dssn_eval_reproduces_the_reported_miou(main_run, tiny_digits, tmp_path,
     assert result["student_miou"] == pytest.approx(m["student_miou"], abs=1e-6)
     assert (tmp_path / "eval.csv").read_text().startswith("class,student,teacher")
     assert "| mIoU |" in (tmp_path / "eval.md").read_text()
-    assert "mIoU" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "mIoU" in out and "teacher's largest confusions" in out
+    # the confusion matrices count every labelled val pixel once, by true class
+    masks = [mask for _, mask in iter_val_samples(load_config(main_run[0]), rank=0, world_size=1)]
+    truth = np.bincount(torch.cat([m.flatten() for m in masks]).numpy(), minlength=256)
+    for name in ("teacher", "student"):
+        rows = list(csv.reader((tmp_path / f"confusion-{name}.csv").open()))
+        counts = np.array([[int(n) for n in row[1:]] for row in rows[1:]])
+        assert counts.sum(axis=1).tolist() == truth[: len(counts)].tolist()
+    assert (tmp_path / "confusion.png").stat().st_size > 0
 
 
 def test_eval_on_data_of_another_class_count_is_a_config_error(

@@ -31,3 +31,34 @@ def test_class_names_fall_back_to_numbers():
     assert class_names_for(2, {"classes": ["bg", "fg"]}) == ["bg", "fg"]
     assert class_names_for(3, {"classes": ["bg", "fg"]}) == ["0", "1", "2"]
     assert class_names_for(2, None) == ["0", "1"]
+
+
+def test_confusion_rows_and_the_largest_confusions():
+    import torch
+
+    from dssn.train.tables import confusion_rows, top_confusions
+
+    names = ["bg", "a", "b"]
+    matrix = torch.tensor([[90, 10, 0], [2, 6, 2], [0, 0, 0]])  # b: no pixels
+    assert confusion_rows(names, matrix) == [
+        ["truth \\ predicted", "bg", "a", "b"],
+        ["bg", "90", "10", "0"],
+        ["a", "2", "6", "2"],
+        ["b", "0", "0", "0"],
+    ]
+    assert top_confusions(names, matrix) == [
+        ("a", "bg", 0.2), ("a", "b", 0.2), ("bg", "a", 0.1),
+    ]  # fmt: skip
+    assert top_confusions(names, matrix, count=1) == [("a", "bg", 0.2)]
+    assert top_confusions(names, torch.eye(3, dtype=torch.long)) == []
+
+
+def test_confusion_plot_is_written(tmp_path):
+    import torch
+    from PIL import Image
+
+    from dssn.train.tables import plot_confusion
+
+    path = plot_confusion(["bg", "a"], torch.tensor([[5, 1], [0, 3]]), tmp_path / "c.png", "t")
+    with Image.open(path) as image:
+        assert image.format == "PNG" and min(image.size) > 300

@@ -175,7 +175,16 @@ def eval_command(args: argparse.Namespace) -> int:
     from dssn.data.pipeline import check_classes, iter_val_samples
     from dssn.train.evaluate import evaluate
     from dssn.train.inference import dataset_info, load_for_inference, with_progress
-    from dssn.train.tables import class_names_for, iou_rows, to_text, write_tables
+    from dssn.train.tables import (
+        class_names_for,
+        confusion_rows,
+        iou_rows,
+        plot_confusion,
+        to_csv,
+        to_text,
+        top_confusions,
+        write_tables,
+    )
 
     loaded = load_for_inference(args.checkpoint, args.config, args.overrides)
     cfg = loaded.cfg
@@ -205,6 +214,16 @@ def eval_command(args: argparse.Namespace) -> int:
         **{f"{name}_iou": r.iou for name, r in results.items()},
     }
     (out / "eval.json").write_text(json.dumps(summary, indent=1))
+    for name, r in results.items():  # pixels: rows = ground truth, columns = prediction
+        paths.append(out / f"confusion-{name}.csv")
+        paths[-1].write_text(to_csv(confusion_rows(names, r.confusion)))
+    shown = "teacher" if "teacher" in results else next(iter(results))
+    confusions = top_confusions(names, results[shown].confusion)
+    if confusions:
+        listed = "; ".join(f"{t} as {p} {100 * s:.1f}%" for t, p, s in confusions)
+        print(f"{shown}'s largest confusions (share of the true class's pixels): {listed}")
+    title = f"{shown}, {any_result.images} val images, {cfg.data.eval_mode}"
+    paths.append(plot_confusion(names, results[shown].confusion, out / "confusion.png", title))
     for path in [*paths, out / "eval.json"]:
         print(f"wrote {path}")
     return 0

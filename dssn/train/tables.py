@@ -81,3 +81,59 @@ def class_names_for(num_classes: int, info: dict | None) -> list[str]:
     if isinstance(names, list) and len(names) == num_classes:
         return [str(n) for n in names]
     return [str(i) for i in range(num_classes)]
+
+
+# ----------------------------------------------------------------------------- confusion
+
+
+def confusion_rows(class_names: list[str], matrix) -> list[list[str]]:
+    """Header + one row per true class: the pixels of each predicted class (a (C, C) matrix,
+    rows = ground truth, columns = prediction)."""
+    rows = [["truth \\ predicted", *class_names]]
+    for name, counts in zip(class_names, matrix.tolist(), strict=True):
+        rows.append([name, *(str(int(n)) for n in counts)])
+    return rows
+
+
+def top_confusions(class_names: list[str], matrix, count: int = 5) -> list[tuple[str, str, float]]:
+    """The ``count`` largest confusions: (true class, predicted class, share of the true
+    class's pixels predicted as the other), largest first; classes without pixels left out."""
+    pairs = []
+    for i, counts in enumerate(matrix.tolist()):
+        total = sum(counts)
+        for j, n in enumerate(counts):
+            if i != j and n > 0:
+                pairs.append((class_names[i], class_names[j], n / total))
+    return sorted(pairs, key=lambda p: -p[2])[:count]
+
+
+def plot_confusion(class_names: list[str], matrix, path: str | Path, title: str) -> Path:
+    """The confusion matrix as a heatmap, each row as shares of its true class's pixels
+    (annotated in percent when there are at most 25 classes)."""
+    import numpy as np
+
+    from dssn.train.history import pyplot
+
+    counts = np.asarray(matrix.tolist(), dtype=np.float64)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    plt = pyplot()
+    side = max(4.0, 0.45 * len(class_names) + 2)
+    fig, ax = plt.subplots(figsize=(side + 1, side))
+    image = ax.imshow(100 * shares, cmap="Blues", vmin=0, vmax=100)
+    ticks = range(len(class_names))
+    ax.set_xticks(ticks, class_names, rotation=90)
+    ax.set_yticks(ticks, class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("ground truth")
+    ax.set_title(title)
+    if len(class_names) <= 25:
+        for i, j in np.argwhere(shares >= 0.005):
+            colour = "white" if shares[i, j] > 0.5 else "black"
+            ax.text(j, i, f"{100 * shares[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                    color=colour)  # fmt: skip
+    fig.colorbar(image, ax=ax, label="% of the true class's pixels")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
