@@ -199,3 +199,19 @@ def test_print_config_shows_the_resolved_settings_and_starts_nothing(tmp_path, c
     assert shown["train"]["amp"] == "bf16"  # from the file; the rest from the defaults
     assert shown["optim"]["momentum"] == Config().optim.momentum
     assert not storage.exists() and not ray.is_initialized()  # no data read, nothing started
+
+
+def test_the_schedule_line_names_the_global_batch_and_the_steps():
+    from dssn.config import set_values
+    from dssn.train.launcher import describe_schedule
+
+    info = {"counts": {"labeled": 92, "unlabeled": 10490, "val": 1449}}
+    cfg = set_values(Config(), {"train.workers": 4, "data.batch_size": 2, "train.epochs": 80})
+    assert describe_schedule(cfg, info) == (
+        "dssn: global batch 2 a worker x 4 workers = 8 labeled images, and as many unlabeled "
+        "images and CutMix partners, a step; 1311 steps an epoch, 104880 in all"
+    )  # 10490 // 8 = 1311
+    one = set_values(cfg, {"train.workers": 1, "data.batch_size": 8, "method": "supervised"})
+    assert describe_schedule(one, info).startswith(
+        "dssn: global batch 8 a worker x 1 worker = 8 labeled images, a step; 1311 steps"
+    )

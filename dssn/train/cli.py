@@ -115,7 +115,7 @@ def train_command(args: argparse.Namespace) -> int:
     import ray
 
     from dssn.data.pipeline import check_training_data
-    from dssn.train.launcher import ensure_ray, finished_run, fit, run_dir
+    from dssn.train.launcher import describe_schedule, ensure_ray, finished_run, fit, run_dir
 
     done = None if args.no_resume else finished_run(cfg)
     if done is not None:  # nothing to train: no Ray start, the summary of the run as it ended
@@ -127,7 +127,8 @@ def train_command(args: argparse.Namespace) -> int:
             flush=True,
         )
         return summarise(state["metrics"], directory, cfg)
-    check_training_data(cfg)  # a wrong data.root or class count: one line, before Ray starts
+    info = check_training_data(cfg)  # a wrong root or class count: one line, before Ray starts
+    print(describe_schedule(cfg, info), flush=True)
     started = ensure_ray(cfg)
     try:
         result = fit(cfg, resume=not args.no_resume)

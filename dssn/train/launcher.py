@@ -154,6 +154,23 @@ def config_changes(earlier: dict[str, Any], now: dict[str, Any], prefix: str = "
     return out
 
 
+def describe_schedule(cfg: Config, info: dict[str, Any]) -> str:
+    """One line: the global batch (DDP averages the workers' gradients, so it is what one step
+    sees) and the steps an epoch and in all, for ``cfg`` on the dataset ``info``."""
+    from dssn.data.pipeline import iters_per_epoch
+
+    workers, batch = cfg.train.workers, cfg.data.batch_size
+    per_epoch = iters_per_epoch(cfg, workers, info)
+    what = "labeled images" if cfg.method == "supervised" else (
+        "labeled images, and as many unlabeled images and CutMix partners"
+    )  # fmt: skip
+    return (
+        f"dssn: global batch {batch} a worker x {workers} worker{'s' * (workers != 1)} = "
+        f"{batch * workers} {what}, a step; {per_epoch} steps an epoch, "
+        f"{per_epoch * cfg.train.epochs} in all"
+    )
+
+
 def train_cpus(cfg: Config) -> float:
     return cfg.train.workers * cfg.train.cpus_per_worker
 
