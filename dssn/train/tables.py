@@ -117,7 +117,7 @@ def plot_confusion(class_names: list[str], matrix, path: str | Path, title: str)
     counts = np.asarray(matrix.tolist(), dtype=np.float64)
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     plt = pyplot()
-    side = max(4.0, 0.45 * len(class_names) + 2)
+    side = min(max(4.0, 0.45 * len(class_names) + 2), 24.0)  # inches: ~50 classes fill it
     fig, ax = plt.subplots(figsize=(side + 1, side))
     image = ax.imshow(100 * shares, cmap="Blues", vmin=0, vmax=100)
     ticks = range(len(class_names))
