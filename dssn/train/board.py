@@ -43,7 +43,6 @@ class Board:
     def __init__(self, log_dir: str, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.log_dir = log_dir
         self._writer = SummaryWriter(log_dir, purge_step=purge_step)
 
     def scalars(self, prefix: str, values: dict[str, Any], step: int) -> None:

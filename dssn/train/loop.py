@@ -327,15 +327,33 @@ def train_epochs(
             f"{train['images_per_s']:.1f} img/s, data wait {train['data_wait']:.1%}",
         )
         if board is not None:
-            if evaluated:
-                board.scalars("eval", eval_scalars(state, classes), state.iteration)
-                if preview:
-                    pictures = prediction_pictures(nets.teacher, preview, cfg, device, palette)
-                    board.pictures("predictions", pictures, state.iteration)
-            epoch_figures = ("images_per_s", "images_per_s_steady", "data_wait", "data_wait_steady")
-            board.scalars("epoch", {k: train[k] for k in epoch_figures}, state.iteration)
-            board.flush()
+            pictures = (
+                prediction_pictures(nets.teacher, preview, cfg, device, palette)
+                if evaluated and preview
+                else []
+            )
+            board_epoch(board, state, train, evaluated, classes, pictures)
         report(metrics, nets, state, cfg, rank, world_size, dataset)
+
+
+EPOCH_FIGURES = ("images_per_s", "images_per_s_steady", "data_wait", "data_wait_steady")
+
+
+def board_epoch(
+    board: Board,
+    state: TrainState,
+    train: dict[str, float],
+    evaluated: bool,
+    classes: list[str] | None,
+    pictures: list,
+) -> None:
+    """An epoch on the board at its last iteration: the evaluation (if it had one) with the
+    prediction pictures, and the epoch's throughput; flushed, so a stopped trial keeps it."""
+    if evaluated:
+        board.scalars("eval", eval_scalars(state, classes), state.iteration)
+        board.pictures("predictions", pictures, state.iteration)
+    board.scalars("epoch", {k: train[k] for k in EPOCH_FIGURES}, state.iteration)
+    board.flush()
 
 
 def checkpoint_dir_name(epoch: int) -> str:
