@@ -1,4 +1,4 @@
-"""TensorBoard scalars of a training run: ``tensorboard --logdir <storage>``.
+"""TensorBoard curves, pictures and config of a training run: ``tensorboard --logdir <storage>``.
 
 Rank 0 writes ``<run_dir>/tensorboard/``, against the global iteration:
 
@@ -24,13 +24,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from dssn.config import Config
+
+if TYPE_CHECKING:
+    from dssn.train.state import TrainState
 
 BOARD_DIR = "tensorboard"
 PREVIEW_SIDE = 512  # longest side of each part of a prediction picture (larger: subsampled)
@@ -85,7 +88,7 @@ def open_board(cfg: Config, rank: int, resumed_from: int) -> Board | None:
     return board
 
 
-def eval_scalars(state: Any, classes: list[str] | None) -> dict[str, float]:
+def eval_scalars(state: TrainState, classes: list[str] | None) -> dict[str, float]:
     """What an evaluation puts on the board: mIoU of both networks and the teacher's per-class
     IoU (named by the dataset's classes, else by index)."""
     out = {"teacher_miou": state.teacher_miou, "student_miou": state.student_miou}
