@@ -103,16 +103,38 @@ def test_epoch_trains_logs_and_decays(run_epoch, capsys):
     assert "epoch 1/2 step 2/3 (iter 2)" in log and "mask_ratio" in log and "img/s" in log
     line = next(x for x in log.splitlines() if "step 2/3" in x)
     assert " eta " in line  # the run's 4 remaining steps at the window's pace
+    # the epoch's last step gets a line too (3 is not a multiple of log_every 2), and only one
+    steps = [x.split(" (iter")[0] for x in log.splitlines() if " step " in x]
+    assert steps == ["epoch 1/2 step 2/3", "epoch 1/2 step 3/3"]
+
+
+def test_an_epoch_shorter_than_log_every_still_logs_its_end(run_epoch, capsys, monkeypatch):
+    from dssn.train.board import Board
+
+    cfg = tiny_cfg(log_every=100)  # 3 steps an epoch, as the demo's 25 against 100
+    seen = []
+    monkeypatch.setattr(Board, "scalars", lambda self, group, values, step: seen.append(step))
+    real, real_remaining = loop.train_one_epoch, loop.remaining
+    board = Board.__new__(Board)  # only scalars() is called, recorded above
+    monkeypatch.setattr(loop, "train_one_epoch", lambda *a, **k: real(*a, **{**k, "board": board}))
+    paced = []
+    monkeypatch.setattr(loop, "remaining", lambda *a: paced.append(a[-1]) or real_remaining(*a))
+    run_epoch(cfg, TrainState())
+    lines = [x for x in capsys.readouterr().out.splitlines() if " step " in x]
+    assert len(lines) == 1 and lines[0].startswith("epoch 1/2 step 3/3 (iter 3)")
+    assert " eta " in lines[0] and paced == [3]  # the time left at the pace of those 3 steps
+    assert seen == [3]  # the board's train/* point at the global iteration
 
 
 def test_time_left_of_the_run_or_of_its_burn_in():
     cfg = tiny_cfg(epochs=4, log_every=10)  # 100 steps an epoch below
-    assert loop.remaining(cfg, 3, 350, 100, 5.0) == "eta 25s"  # 50 steps at 0.5 s
+    assert loop.remaining(cfg, 3, 350, 100, 5.0, 10) == "eta 25s"  # 50 steps at 0.5 s
+    assert loop.remaining(cfg, 3, 350, 100, 5.0, 5) == "eta 50s"  # a short window: 1 s a step
     cfg.dssn.burn_in_epochs = 2  # labeled-only steps now, DSSN steps later: only the burn-in
-    assert loop.remaining(cfg, 1, 150, 100, 5.0) == "burn-in ends in 25s"
-    assert loop.remaining(cfg, 2, 250, 100, 20.0) == "eta 5m00s"
+    assert loop.remaining(cfg, 1, 150, 100, 5.0, 10) == "burn-in ends in 25s"
+    assert loop.remaining(cfg, 2, 250, 100, 20.0, 10) == "eta 5m00s"
     cfg.method = "supervised"  # every step labeled-only: the whole run
-    assert loop.remaining(cfg, 0, 50, 100, 5.0) == "eta 2m55s"
+    assert loop.remaining(cfg, 0, 50, 100, 5.0, 10) == "eta 2m55s"
 
 
 def test_ray_trains_report_lines_are_quiet_and_its_warnings_stay():

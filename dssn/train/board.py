@@ -2,8 +2,9 @@
 
 Rank 0 writes ``<run_dir>/tensorboard/``, against the global iteration:
 
-- ``train/*`` every ``train.log_every`` steps: what the log line prints (each loss term, the
-  share of pseudo-labels selected, the learning rate, images/s, the data-wait share);
+- ``train/*`` with each log line (every ``train.log_every`` steps and at an epoch's end): what
+  it prints (each loss term, the share of pseudo-labels selected, the learning rate, images/s,
+  the data-wait share);
 - ``eval/*`` at each evaluation: teacher and student mIoU, and the teacher's IoU of every
   class (``eval/teacher_iou/<class>``);
 - ``epoch/*`` at each epoch's end: images/s and the data-wait share over the epoch;

@@ -3,7 +3,7 @@
     train_loop_per_worker(cfg.to_dict())
 
 Per epoch: ``iters_per_epoch`` DSSN steps (SGD, poly decay after each step, EMA update), a log
-line every ``train.log_every`` steps, evaluation of student and teacher every ``eval_every``
+line every ``train.log_every`` steps and at the epoch's last step, evaluation of student and teacher every ``eval_every``
 epochs (and after the last), then one ``ray.train.report`` per worker with the epoch's metrics;
 rank 0 attaches the checkpoint. A run resumes from ``ray.train.get_checkpoint()``.
 """
@@ -97,10 +97,13 @@ def format_eta(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def remaining(cfg: Config, epoch: int, iteration: int, per_epoch: int, window_s: float) -> str:
-    """The time left at the pace of the last ``log_every`` steps (evaluations not counted):
-    of the run, or, in a burn-in followed by the costlier DSSN steps, of the burn-in."""
-    pace = window_s / cfg.train.log_every
+def remaining(
+    cfg: Config, epoch: int, iteration: int, per_epoch: int, window_s: float, steps: int
+) -> str:
+    """The time left at the pace of the ``steps`` steps since the last line, which took
+    ``window_s`` (evaluations not counted): of the run, or, in a burn-in followed by the
+    costlier DSSN steps, of the burn-in."""
+    pace = window_s / max(steps, 1)
     if cfg.labeled_only(epoch) and not cfg.labeled_only(cfg.train.epochs - 1):
         left = cfg.dssn.burn_in_epochs * per_epoch - iteration
         return f"burn-in ends in {format_eta(left * pace)}"
@@ -129,6 +132,7 @@ def train_one_epoch(
     batches = iter(iter_train_batches(cfg, epoch) if batches is None else batches)
     start = last_log = time.perf_counter()
     data_wait = window_wait = first_wait = 0.0
+    logged_at = 0  # the step of the epoch's last log line
     steady_from = time.time()  # wall clock (Unix) of the first batch's arrival
     i = 0
     while True:
@@ -175,7 +179,8 @@ def train_one_epoch(
         lr = set_poly_lr(nets.optimizer, state.iteration, total_iters, cfg.optim.poly_power)
         state.iteration += 1
         i += 1
-        if i % cfg.train.log_every == 0 and rank == 0:
+        # a line every log_every steps, and one at the epoch's last step (a short epoch too)
+        if rank == 0 and (i % cfg.train.log_every == 0 or i == per_epoch):
             now = time.perf_counter()
             window = meter.window_means()  # the only host sync of the metrics
             rate = meter.window_images * world_size / max(now - last_log, 1e-9)
@@ -192,10 +197,10 @@ def train_one_epoch(
                 f"epoch {epoch + 1}/{cfg.train.epochs} step {i}/{per_epoch} "
                 f"(iter {state.iteration}) {parts} lr {lr:.3g} img/s {rate:.1f} "
                 f"data_wait {wait_share:.1%} "
-                + remaining(cfg, epoch, state.iteration, per_epoch, now - last_log),
+                + remaining(cfg, epoch, state.iteration, per_epoch, now - last_log, i - logged_at),
             )
             meter.reset_window()
-            last_log, window_wait = now, 0.0
+            last_log, window_wait, logged_at = now, 0.0, i
     elapsed = time.perf_counter() - start
     out = meter.epoch_means(world_size)
     out["images_per_s"] = meter.total_images * world_size / max(elapsed, 1e-9)
