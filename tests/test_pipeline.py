@@ -158,6 +158,36 @@ def test_read_and_augment_outputs_one_batch_per_row_group(tmp_path):
             assert all(abs(a - b) <= 2 for a, b in zip(levels, range(1, 11), strict=True))
 
 
+def damaged(rows, bad_id: str, column: str):
+    """``rows`` with ``bad_id``'s ``column`` cut to its first 40 bytes (a damaged file)."""
+    for row in rows:
+        yield {**row, column: row[column][:40]} if row["id"] == bad_id else row
+
+
+def test_a_row_that_no_longer_decodes_is_named_with_its_shard(tmp_path):
+    """Shards changed after `dssn prepare` verified them: the error inside the read / augment
+    task (and the val reader) names the file and the row, not only the decoder's complaint."""
+    rows = {
+        "labeled": damaged(constant_rows(range(200, 206), True), "r204", "image"),
+        "unlabeled": damaged(constant_rows(range(1, 9), False), "r6", "image"),
+        "val": damaged(constant_rows(range(100, 106), True), "r104", "mask"),
+    }
+    counts = {part: fmt.write_part(tmp_path, part, rows[part], 4) for part in rows}
+    fmt.write_dataset_info(tmp_path, {"name": "bad", "classes": ["a", "b", "c"], "counts": counts})
+    cfg = make_cfg(tmp_path)
+    for stream, part, bad in (("labeled", "labeled", "r204"), ("unlabeled", "unlabeled", "r6"),
+                              ("mix", "unlabeled", "r6")):  # fmt: skip
+        shard = fmt.list_shards(tmp_path, part)[1]  # rows 4.. of the part
+        plan = {"path": np.array([shard]), "row_group": np.array([0])}
+        with pytest.raises(fmt.ShardError) as error:
+            pipeline.read_and_augment(plan, stream, cfg.data)
+        assert f"{shard}: row '{bad}': its image does not decode" in str(error.value), stream
+    with pytest.raises(fmt.ShardError, match=r"part-00001\.parquet: row 'r104': its mask does"):
+        list(pipeline.iter_val_samples(cfg, rank=0, world_size=1))
+    good = {"path": np.array(fmt.list_shards(tmp_path, "unlabeled")[:1]), "row_group": [0]}
+    assert len(pipeline.read_and_augment(good, "unlabeled", cfg.data)["image_u_w"]) == 4
+
+
 @pytest.mark.ray
 def test_training_stream_blocks_have_one_chunk(ray_instance, tmp_path):
     """Each block a training stream delivers holds one row group with every column in one

@@ -221,3 +221,86 @@ def test_the_schedule_line_names_the_global_batch_and_the_steps():
     assert describe_schedule(one, info).startswith(
         "dssn: global batch 8 a worker x 1 worker = 8 labeled images, a step; 1311 steps"
     )
+
+
+def worker_traceback(error: BaseException) -> str:
+    """The traceback text Ray Train keeps of a worker's exception."""
+    import traceback
+
+    return "".join(traceback.format_exception(error))
+
+
+def shard_error_in_a_ray_data_task() -> BaseException:
+    """A ShardError raised from the decoder's error inside a task, wrapped by Ray Data (as a
+    damaged row surfaces in a train worker)."""
+    from dssn.data.format import ShardError
+
+    try:
+        try:
+            try:
+                raise RuntimeError("Out of bound read in decode_png")
+            except RuntimeError as e:
+                raise ShardError("/d/unlabeled/part-00003.parquet: row 'a7': its image") from e
+        except ShardError as e:
+            raise ValueError("UDF failed to process a data block.") from e
+    except ValueError as e:
+        return e
+
+
+def test_failure_causes_name_each_workers_cause_from_its_whole_traceback():
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+    from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
+
+    from dssn.train.launcher import failure_causes
+
+    damaged = shard_error_in_a_ray_data_task()
+    try:
+        raise MemoryError("CUDA out of memory") from None
+    except MemoryError as e:
+        oom = e
+    error = WorkerGroupError(
+        "Training failed due to worker errors: … (Output truncated) …",
+        {
+            1: UserExceptionWithTraceback(oom, worker_traceback(oom)),
+            0: UserExceptionWithTraceback(damaged, worker_traceback(damaged)),
+        },
+    )
+    assert failure_causes(error) == [
+        "rank 0: ShardError: /d/unlabeled/part-00003.parquet: row 'a7': its image",
+        "rank 1: MemoryError: CUDA out of memory",
+    ]
+    # no exception of ours in the chain: its root (printed first), not Ray's wrapper
+    wrapped = ValueError("UDF failed")
+    wrapped.__cause__ = RuntimeError("Out of bound read")
+    text = worker_traceback(wrapped)
+    assert text.index("RuntimeError") < text.index("ValueError")
+    only = WorkerGroupError("…", {0: UserExceptionWithTraceback(wrapped, text)})
+    assert failure_causes(only) == ["rank 0: RuntimeError: Out of bound read"]
+    assert failure_causes(ControllerError(KeyError("x"))) == ["controller: KeyError: 'x'"]
+    assert failure_causes(RuntimeError("not Ray's")) == []
+
+
+def test_a_failed_run_ends_with_its_cause(tmp_path, capsys, monkeypatch):
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from dssn.cli import main
+    from dssn.data import pipeline
+    from dssn.train import launcher
+
+    damaged = shard_error_in_a_ray_data_task()
+    failure = UserExceptionWithTraceback(damaged, worker_traceback(damaged))
+
+    def fit(*_, **__):
+        raise WorkerGroupError("Training failed: … (Output truncated) …", {0: failure})
+
+    monkeypatch.setattr(pipeline, "check_training_data", lambda cfg: {"counts": {"unlabeled": 8}})
+    monkeypatch.setattr(launcher, "ensure_ray", lambda cfg: False)
+    monkeypatch.setattr(launcher, "fit", fit)
+    code = main(["train", "--config", str(DIGITS_CONFIG), "--storage", str(tmp_path / "runs")])
+    assert code == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (
+        "dssn train: the run failed: rank 0: ShardError: "
+        "/d/unlabeled/part-00003.parquet: row 'a7': its image"
+    )

@@ -84,6 +84,22 @@ def decode_mask(data: bytes) -> torch.Tensor:
     return torch.from_numpy(fmt.decode_mask(data))
 
 
+def decode_row(batch: dict[str, np.ndarray], i: int, column: str = "image") -> torch.Tensor:
+    """Row ``i``'s image or mask, decoded; a ShardError naming the shard and the row's id if
+    it does not decode. ``dssn prepare`` verified every row, so this is a shard changed or
+    damaged since (or written by other means): the error says where, instead of a bare
+    decoder message from inside a Ray Data task."""
+    try:
+        return (decode_image if column == "image" else decode_mask)(batch[column][i])
+    except Exception as e:
+        shard = batch["shard"][i] if "shard" in batch else "a shard"
+        raise fmt.ShardError(
+            f"{shard}: row '{batch['id'][i]}': its {column} does not decode "
+            f"({type(e).__name__}: {e}); prepare the dataset again (`dssn prepare`), which "
+            f"verifies every row"
+        ) from e
+
+
 # ----------------------------------------------------------------------------- batch functions
 # Plain functions of a numpy batch (what map_batches hands over), so they run without Ray too.
 
@@ -94,10 +110,10 @@ def labeled_batch(batch: dict[str, np.ndarray], cfg: Any) -> dict[str, np.ndarra
     n, crop = len(batch["image"]), cfg.crop_size
     images = np.empty((n, 3, crop, crop), np.uint8)
     masks = np.empty((n, crop, crop), np.uint8)
-    for i, (data, mask_data) in enumerate(zip(batch["image"], batch["mask"], strict=True)):
+    for i, mask_data in enumerate(batch["mask"]):
         if mask_data is None:
             raise fmt.ShardError(f"labeled row '{batch['id'][i]}' has no mask")
-        image, mask = decode_image(data), decode_mask(mask_data)
+        image, mask = decode_row(batch, i), decode_row(batch, i, "mask")
         _, masks[i] = augment.augment_labeled(image, mask, cfg, rng, out=images[i])
     return {"image_x": images, "mask_x": masks}
 
@@ -118,9 +134,9 @@ def unlabeled_batch(
     }
     extents = np.empty((n, 3), np.int32)
     boxes = {box: np.empty((n, 4), np.int32) for box in ("box1", "box2")}
-    for i, data in enumerate(batch["image"]):
+    for i in range(n):
         rows = {view: array[i] for view, array in images.items()}
-        views = augment.unlabeled_views(decode_image(data), cfg, rng, out=rows)
+        views = augment.unlabeled_views(decode_row(batch, i), cfg, rng, out=rows)
         extents[i] = views["extent"]
         for box, array in boxes.items():
             array[i] = views[box]
@@ -157,21 +173,25 @@ def val_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Decode val rows (no augmentation); images keep their own sizes (object columns)."""
     images = np.empty(len(batch["image"]), dtype=object)
     masks = np.empty(len(batch["image"]), dtype=object)
-    for i, (data, mask_data) in enumerate(zip(batch["image"], batch["mask"], strict=True)):
-        images[i] = decode_image(data).numpy()
-        masks[i] = decode_mask(mask_data).numpy()
+    for i in range(len(images)):
+        images[i] = decode_row(batch, i).numpy()
+        masks[i] = decode_row(batch, i, "mask").numpy()
     return {"id": batch["id"], "image": images, "mask": masks}
 
 
 def read_row_groups(batch: dict[str, np.ndarray]):
     """Read the row groups named in ``batch`` ("path", "row_group") -> one pyarrow Table,
-    its rows permuted (so repeated copies of a part come in different orders)."""
+    its rows permuted (so repeated copies of a part come in different orders), with a
+    "shard" column naming each row's file (for errors: :func:`decode_row`)."""
     import pyarrow as pa
 
-    tables = [
-        fmt.read_row_group(path, int(index), READ_COLUMNS)
-        for path, index in zip(batch["path"], batch["row_group"], strict=True)
-    ]
+    tables = []
+    for path, index in zip(batch["path"], batch["row_group"], strict=True):
+        table = fmt.read_row_group(path, int(index), READ_COLUMNS)
+        shard = pa.DictionaryArray.from_arrays(
+            pa.array(np.zeros(table.num_rows, np.int32)), pa.array([str(path)])
+        )
+        tables.append(table.append_column("shard", shard))
     table = pa.concat_tables(tables)
     return table.take(np.random.default_rng().permutation(table.num_rows))
 
@@ -186,6 +206,7 @@ def read_and_augment(batch: dict[str, np.ndarray], stream: str, cfg: Any) -> dic
     consuming process.)"""
     table = read_row_groups(batch)
     rows = {name: table.column(name).to_numpy(zero_copy_only=False) for name in READ_COLUMNS}
+    rows["shard"] = table.column("shard").to_numpy(zero_copy_only=False)
     return BATCH_FUNCTIONS[stream](rows, cfg)
 
 
@@ -423,4 +444,5 @@ def iter_val_samples(
         for row in table.take(mine).to_pylist():
             if row["mask"] is None:
                 raise fmt.ShardError(f"{path}: row '{row['id']}' has no mask")
-            yield decode_image(row["image"]), decode_mask(row["mask"])
+            row = {key: [value] for key, value in row.items()} | {"shard": [path]}
+            yield decode_row(row, 0), decode_row(row, 0, "mask")

@@ -115,7 +115,14 @@ def train_command(args: argparse.Namespace) -> int:
     import ray
 
     from dssn.data.pipeline import check_training_data
-    from dssn.train.launcher import describe_schedule, ensure_ray, finished_run, fit, run_dir
+    from dssn.train.launcher import (
+        describe_schedule,
+        ensure_ray,
+        failure_causes,
+        finished_run,
+        fit,
+        run_dir,
+    )
 
     done = None if args.no_resume else finished_run(cfg)
     if done is not None:  # nothing to train: no Ray start, the summary of the run as it ended
@@ -139,6 +146,8 @@ def train_command(args: argparse.Namespace) -> int:
         if type(e).__name__ not in ("TrainingFailedError", "WorkerGroupError", "ControllerError"):
             raise
         print(f"dssn train: the run failed: {e}", file=sys.stderr)
+        for line in failure_causes(e):  # last: the cause, which Ray's snippet may have cut off
+            print(f"dssn train: the run failed: {line}", file=sys.stderr)
         return 1
     finally:
         if started:

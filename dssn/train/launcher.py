@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -307,6 +308,31 @@ def build_trainer(cfg: Config):
         # streams go to Ray Train (each gets a streaming split coordinator)
         datasets={k: v for k, v in build_datasets(cfg).items() if k in TRAIN_STREAMS},
     )
+
+
+EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)): (.+)$", re.M)
+
+
+def failure_causes(error: BaseException) -> list[str]:
+    """One line per failed worker of a Ray Train run: "rank R: Type: message" of the error
+    that caused it. Ray's own message shows a truncated snippet of each worker's traceback, in
+    which the cause (a ShardError naming a damaged file, say) is often cut off. Each worker's
+    whole traceback text is searched: the last exception of this package (``dssn.…``) in the
+    chain, else the first exception (the root of a chain is printed first)."""
+    failures = getattr(error, "worker_failures", None) or {}
+    if not failures and hasattr(error, "controller_failure"):
+        failures = {"controller": error.controller_failure}
+    lines = []
+    for rank, failure in sorted(failures.items(), key=lambda item: str(item[0])):
+        found = EXCEPTION_LINE.findall(str(failure))
+        ours = [(name, text) for name, text in found if name.startswith("dssn.")]
+        if ours or found:
+            name, text = (ours or found)[-1 if ours else 0]
+            cause = f"{name.rsplit('.', 1)[-1]}: {text.strip()}"
+        else:
+            cause = f"{type(failure).__name__}: {str(failure).strip() or '(no message)'}"
+        lines.append(f"rank {rank}: {cause}" if rank != "controller" else f"controller: {cause}")
+    return lines
 
 
 def fit(cfg: Config, *, resume: bool = True):
