@@ -13,7 +13,7 @@ from dssn.train.compare import compare_rows, load_run, rarest_classes
 
 def fake_run(tmp_path, name, ious, root, best=None):
     run = tmp_path / name
-    run.mkdir()
+    run.mkdir(parents=True)
     cfg = Config()
     cfg.model.num_classes = len(ious)
     cfg.data.root = str(root)
@@ -82,3 +82,33 @@ def test_unfinished_run_is_named(tmp_path):
     (tmp_path / "half").mkdir()
     with pytest.raises(ConfigError, match="half: no summary.json"):
         load_run(tmp_path / "half")
+
+
+def test_the_settings_that_differ_are_listed_under_the_table(tmp_path, dataset, capsys):
+    from dssn.config import set_values
+
+    a = fake_run(tmp_path, "dssn", [0.9, 0.5, 0.4, 0.2], dataset)
+    b = fake_run(tmp_path, "threshold", [0.9, 0.4, 0.4, 0.1], dataset)
+    c = fake_run(tmp_path, "sup-seed1", [0.8, 0.3, 0.2, 0.0], dataset)
+    for run, values in ((b, {"dssn.selection": "threshold"}),
+                        (c, {"method": "supervised", "train.seed": 1})):  # fmt: skip
+        cfg = set_values(load_run(run)[1], {**values, "train.name": run.name})
+        cfg.save(run / "config.yaml")
+    out_dir = tmp_path / "out"
+    assert main(["compare", str(a), str(b), str(c), "--out", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "settings that differ (3):" in out
+    rows = (out_dir / "compare-settings.csv").read_text().splitlines()
+    assert rows[0] == "setting,dssn,threshold,sup-seed1"
+    assert sorted(rows[1:]) == [
+        "dssn.selection,dssn,threshold,dssn",
+        "method,dssn,dssn,supervised",
+        "train.seed,0,0,1",
+    ]  # train.name differs too, but names where the run is kept, not how it trained
+    again = fake_run(tmp_path / "elsewhere", "dssn", [0.9, 0.5, 0.4, 0.1], dataset)
+    assert main(["compare", str(a), str(again)]) == 0  # two runs of one name: their paths
+    out = capsys.readouterr().out
+    assert "the runs trained with the same settings" in out
+    assert f"{a}: 40 iterations" in out and f"{again}: 40 iterations" in out
+    assert main(["compare", str(a), str(a)]) == 2
+    assert "a run is named twice" in capsys.readouterr().err

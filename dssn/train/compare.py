@@ -4,8 +4,9 @@ Reads each run's ``summary.json`` (written by ``dssn train`` when a run ends) an
 column per run: the teacher's final-epoch IoU per class (``--which best`` for its best epoch),
 the mIoU, and the mean over the rarest classes of the dataset's training prior (digits: the
 three rarest digits), where a single global confidence threshold is expected to fall short.
-With ``--out DIR`` it also writes the table (CSV, Markdown) and ``compare.png``: the runs'
-teacher and student mIoU against the iteration, from their ``history.csv``.
+Below it, the settings that differ between the runs (their ``config.yaml``; name and storage
+left out). With ``--out DIR`` it also writes both tables (CSV, Markdown) and ``compare.png``:
+the runs' teacher and student mIoU against the iteration, from their ``history.csv``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dssn.train.summary import SUMMARY_STEM
 from dssn.train.tables import class_names_for, iou_rows, to_text, write_tables
 
 RAREST = 3  # classes averaged in the "rarest" row
+WHERE_KEYS = ("train.name", "train.storage")  # where a run is kept, not how it trained
 
 
 def load_run(run_dir: str | Path) -> tuple[dict[str, Any], Any]:
@@ -74,13 +76,46 @@ def compare_rows(runs: dict[str, tuple[dict[str, Any], Any]], which: str = "fina
     return rows
 
 
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def settings_rows(runs: dict[str, tuple[dict[str, Any], Any]]) -> list[list[str]]:
+    """Header + one row per setting (dotted key) whose value differs between the runs'
+    resolved configs, with each run's value; [] when they trained with the same settings."""
+    flat = {name: _flatten(cfg.to_dict()) for name, (_, cfg) in runs.items()}
+    keys = dict.fromkeys(key for values in flat.values() for key in values)
+    rows = [
+        [key, *(str(values.get(key, "(unset)")) for values in flat.values())]
+        for key in keys
+        if key not in WHERE_KEYS and len({repr(values.get(key)) for values in flat.values()}) > 1
+    ]
+    return [["setting", *flat], *rows] if rows else []
+
+
 def _mean_pct(values: list[float]) -> str:
     m = mean_iou(values)
     return "-" if math.isnan(m) else f"{100 * m:.1f}"
 
 
+def run_labels(paths: list[str]) -> list[str]:
+    """Column names for run directories: each one's name, or, where two share a name
+    (``a/run``, ``b/run``), the path as given."""
+    names = [Path(p).name for p in paths]
+    return [n if names.count(n) == 1 else str(p) for n, p in zip(names, paths, strict=True)]
+
+
 def compare_command(args) -> int:
-    runs = {Path(d).name: load_run(d) for d in args.runs}
+    labels = run_labels(args.runs)
+    if len(set(labels)) < len(labels):
+        raise ConfigError(f"a run is named twice: {' '.join(args.runs)}")
+    runs = {label: load_run(d) for label, d in zip(labels, args.runs, strict=True)}
     rows = compare_rows(runs, args.which)
     print(f"teacher IoU ({args.which} epoch), percent")
     print(to_text(rows))
@@ -90,10 +125,19 @@ def compare_command(args) -> int:
             f"{100 * metrics['best_teacher_miou']:.2f} (epoch {metrics['best_epoch']}), final "
             f"{100 * metrics['final_teacher_miou']:.2f}"
         )
+    settings = settings_rows(runs)
+    if settings:
+        print(f"\nsettings that differ ({len(settings) - 1}):\n{to_text(settings)}")
+    elif len(runs) > 1:
+        print("\nthe runs trained with the same settings (apart from their names)")
     if args.out:
-        for path in write_tables(rows, args.out, "compare"):
-            print(f"wrote {path}")
-        curves = {Path(d).name: Path(d) / history.HISTORY_CSV for d in args.runs}
+        tables = [(rows, "compare")] + ([(settings, "compare-settings")] if settings else [])
+        for table, stem in tables:
+            for path in write_tables(table, args.out, stem):
+                print(f"wrote {path}")
+        curves = {
+            label: Path(d) / history.HISTORY_CSV for label, d in zip(labels, args.runs, strict=True)
+        }
         missing = [name for name, path in curves.items() if not path.is_file()]
         if missing:  # runs finished before history.csv existed (2026-12-07)
             print(f"no {history.HISTORY_CSV} in {', '.join(missing)}: left out of the plot")
