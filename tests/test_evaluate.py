@@ -158,6 +158,23 @@ def test_evaluate_two_models_restores_modes():
         assert again["s"].miou == 1.0
 
 
+def test_per_image_matrices_add_up_to_the_evaluation():
+    cfg = Config()
+    cfg.model.num_classes, cfg.data.crop_size = 2, 4
+    images = []
+    for left in (1, 2, 3):  # class 1 on the red columns, more of them in each image
+        img = torch.zeros(3, 4, 4, dtype=torch.uint8)
+        img[0, :, :left] = 255
+        images.append((img, (img[0] > 0).to(torch.uint8)))
+    seen = []
+    models = {"student": _Oracle(), "teacher": _Zeros()}
+    out = evaluate(models, images, cfg, torch.device("cpu"), per_image=seen.append)
+    assert len(seen) == 3 and all(set(image) == {"student", "teacher"} for image in seen)
+    for name in models:
+        assert torch.equal(sum(image[name] for image in seen), out[name].confusion)
+    assert [image["teacher"][1, 0].item() for image in seen] == [4, 8, 12]  # class 1 as 0
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_bf16_autocast_on_cpu_only_where_the_cpu_has_bf16(monkeypatch, native):
     from dssn.config import set_values

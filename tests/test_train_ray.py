@@ -25,7 +25,7 @@ from PIL import Image
 
 from dssn.cli import main
 from dssn.config import Config, load_config
-from dssn.data.format import read_dataset_info
+from dssn.data.format import iter_rows, read_dataset_info
 from dssn.data.pipeline import iter_val_samples
 from dssn.train import checkpoint as ckpt
 from dssn.train import history
@@ -220,13 +220,27 @@ def test_dssn_eval_reproduces_the_reported_miou(main_run, tiny_digits, tmp_path,
     out = capsys.readouterr().out
     assert "mIoU" in out and "teacher's largest confusions" in out
     # the confusion matrices count every labelled val pixel once, by true class
-    masks = [mask for _, mask in iter_val_samples(load_config(main_run[0]), rank=0, world_size=1)]
+    masks_and_images = list(iter_val_samples(load_config(main_run[0]), rank=0, world_size=1))
+    masks = [mask for _, mask in masks_and_images]
     truth = np.bincount(torch.cat([m.flatten() for m in masks]).numpy(), minlength=256)
     for name in ("teacher", "student"):
         rows = list(csv.reader((tmp_path / f"confusion-{name}.csv").open()))
         counts = np.array([[int(n) for n in row[1:]] for row in rows[1:]])
         assert counts.sum(axis=1).tolist() == truth[: len(counts)].tolist()
     assert (tmp_path / "confusion.png").stat().st_size > 0
+    # every val image scored once, worst first; the worst drawn as image | truth | prediction
+    ids = [row["id"] for row in iter_rows(tiny_digits, "val", ["id"])]
+    rows = list(csv.DictReader((tmp_path / "per-image-teacher.csv").open()))
+    assert sorted(row["id"] for row in rows) == sorted(ids)
+    scores = [float(row["miou"]) for row in rows]
+    assert scores == sorted(scores)
+    assert "teacher's lowest per-image mIoU: " + f"{rows[0]['id']} {rows[0]['miou']}" in out
+    drawn = sorted((tmp_path / "worst-teacher").glob("*.png"))
+    assert [p.name for p in drawn] == [f"{i:02d}_{r['id']}.png" for i, r in enumerate(rows[:8], 1)]
+    first = np.asarray(Image.open(drawn[0]))
+    image, mask = masks_and_images[ids.index(rows[0]["id"])]
+    assert first.shape == (mask.shape[0], 3 * mask.shape[1], 3)
+    assert np.array_equal(first[:, : mask.shape[1]], image.permute(1, 2, 0).numpy())
 
 
 def test_eval_on_data_of_another_class_count_is_a_config_error(

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from dssn.train.tables import class_names_for, iou_rows, to_csv, to_markdown, to_text
+from dssn.train.tables import (
+    class_names_for,
+    image_score,
+    iou_rows,
+    per_image_rows,
+    to_csv,
+    to_markdown,
+    to_text,
+)
 
 
 def test_rows_text_markdown_csv():
@@ -62,3 +70,23 @@ def test_confusion_plot_is_written(tmp_path):
     path = plot_confusion(["bg", "a"], torch.tensor([[5, 1], [0, 3]]), tmp_path / "c.png", "t")
     with Image.open(path) as image:
         assert image.format == "PNG" and min(image.size) > 300
+
+
+def test_per_image_rows_put_the_worst_image_first_with_its_largest_confusion():
+    import torch
+
+    names = ["background", "cat", "dog"]
+    perfect = torch.tensor([[50, 0, 0], [0, 10, 0], [0, 0, 0]])
+    dog_as_cat = torch.tensor([[40, 0, 0], [0, 5, 0], [0, 15, 0]])
+    nothing = torch.zeros(3, 3, dtype=torch.long)  # every pixel ignored: no score
+    scores = [image_score(m) for m in (perfect, dog_as_cat, nothing)]
+    assert scores[0] == (1.0, 1.0)
+    assert scores[1][0] == pytest.approx((1.0 + 5 / 20 + 0.0) / 3)  # dog: 0 of its 15 pixels
+    assert scores[1][1] == pytest.approx(45 / 60)
+    rows = per_image_rows(["a", "b", "c"], scores, names, [perfect, dog_as_cat, nothing])
+    assert rows == [
+        ["id", "miou", "pixel_accuracy", "largest_confusion"],
+        ["b", "41.7", "75.0", "dog as cat (15 px)"],
+        ["a", "100.0", "100.0", ""],
+        ["c", "-", "-", ""],  # no score: last
+    ]

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 MODES = ("original", "center_crop", "sliding_window")
+WORST_IMAGES = 8  # dssn eval: pictures of the val images scored lowest
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,6 +47,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=MODES, help="inference mode (default: data.eval_mode)")
     p.add_argument("--crop", type=int, help="window of center_crop / sliding_window")
     p.add_argument("--out", help="directory for eval.csv / eval.md (default: beside the ckpt)")
+    p.add_argument(
+        "--worst",
+        type=int,
+        default=WORST_IMAGES,
+        metavar="K",
+        help=f"draw the K val images the teacher scores lowest on (default {WORST_IMAGES}; 0: none)",
+    )
     p.set_defaults(func=eval_command)
 
     p = sub.add_parser("compare", help="per-class teacher IoU of finished runs side by side")
@@ -181,14 +189,16 @@ def summarise(metrics: dict, checkpoint_dir: str | None, cfg) -> int:
 def eval_command(args: argparse.Namespace) -> int:
     import torch
 
-    from dssn.data.format import read_dataset_info
+    from dssn.data.format import iter_rows, read_dataset_info
     from dssn.data.pipeline import check_classes, iter_val_samples
     from dssn.train.evaluate import evaluate
     from dssn.train.inference import dataset_info, load_for_inference, with_progress
     from dssn.train.tables import (
         class_names_for,
         confusion_rows,
+        image_score,
         iou_rows,
+        per_image_rows,
         plot_confusion,
         to_csv,
         to_text,
@@ -206,7 +216,14 @@ def eval_command(args: argparse.Namespace) -> int:
     models = {name: m.to(device) for name, m in loaded.models.items()}
     samples = iter_val_samples(cfg, shard="val", rank=0, world_size=1)  # every row, no Ray
     total = int(info["counts"].get("val", 0))
-    results = evaluate(models, with_progress(samples, total, "eval"), cfg, device)
+    matrices: dict[str, list] = {name: [] for name in models}  # each image's, per model
+
+    def keep(image: dict[str, torch.Tensor]) -> None:
+        for name, matrix in image.items():
+            matrices[name].append(matrix.cpu())
+
+    samples = with_progress(samples, total, "eval")
+    results = evaluate(models, samples, cfg, device, per_image=keep)
     names = class_names_for(cfg.model.num_classes, dataset_info(loaded))
     rows = iou_rows(names, {name: r.iou for name, r in results.items()})
     any_result = next(iter(results.values()))
@@ -234,9 +251,55 @@ def eval_command(args: argparse.Namespace) -> int:
         print(f"{shown}'s largest confusions (share of the true class's pixels): {listed}")
     title = f"{shown}, {any_result.images} val images, {cfg.data.eval_mode}"
     paths.append(plot_confusion(names, results[shown].confusion, out / "confusion.png", title))
+    ids = [row["id"] for row in iter_rows(args.data, "val", ["id"])]  # iter_val_samples' order
+    if len(ids) != any_result.images:
+        raise RuntimeError(f"{args.data}: {len(ids)} val ids for {any_result.images} images")
+    for name, per_image in matrices.items():
+        scores = [image_score(matrix) for matrix in per_image]
+        table = per_image_rows(ids, scores, names, per_image)
+        paths.append(out / f"per-image-{name}.csv")
+        paths[-1].write_text(to_csv(table))
+        if name == shown:
+            listed = ", ".join(f"{row[0]} {row[1]}" for row in table[1:6])
+            print(f"{shown}'s lowest per-image mIoU: {listed}")
+            worst = [ids.index(row[0]) for row in table[1 : 1 + args.worst]]
+            paths += draw_images(loaded, cfg, models[shown], worst, out / f"worst-{shown}", device)
     for path in [*paths, out / "eval.json"]:
         print(f"wrote {path}")
     return 0
+
+
+def draw_images(loaded, cfg, model, indices: list[int], out: Path, device) -> list[Path]:
+    """``<out>/<rank>_<id>.png`` for the val rows at ``indices`` (in that order): image |
+    ground truth | prediction, in the dataset's palette (as TensorBoard's predictions)."""
+    import numpy as np
+    from PIL import Image
+
+    from dssn.data.format import iter_rows
+    from dssn.data.pipeline import iter_val_samples
+    from dssn.train.board import prediction_pictures
+    from dssn.train.inference import dataset_info, palette_for
+
+    if not indices:
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.png"):  # an earlier eval's pictures would mix with these
+        old.unlink()
+    ids = [row["id"] for row in iter_rows(cfg.data.root, "val", ["id"])]
+    wanted = set(indices)
+    chosen = {
+        i: sample
+        for i, sample in enumerate(iter_val_samples(cfg, shard="val", rank=0, world_size=1))
+        if i in wanted
+    }
+    palette = palette_for(cfg.model.num_classes, dataset_info(loaded))
+    pictures = prediction_pictures(model, [chosen[i] for i in indices], cfg, device, palette)
+    paths = []
+    for rank, (i, picture) in enumerate(zip(indices, pictures, strict=True), start=1):
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in ids[i])
+        paths.append(out / f"{rank:02d}_{safe}.png")
+        Image.fromarray(np.ascontiguousarray(picture)).save(paths[-1])
+    return paths
 
 
 def default_eval_dir(checkpoint: str, mode: str) -> Path:

@@ -15,7 +15,7 @@ evaluates its own share of the rows; the confusion matrices are all-reduced befo
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -171,6 +171,7 @@ def evaluate(
     cfg: Config,
     device: torch.device,
     mode: str | None = None,
+    per_image: Callable[[dict[str, torch.Tensor]], None] | None = None,
 ) -> dict[str, EvalResult]:
     """Evaluate each named model over ``samples`` in one pass.
 
@@ -179,6 +180,8 @@ def evaluate(
     the window is ``cfg.data.eval_crop`` (default ``cfg.data.crop_size``).
     Confusion matrices are summed over workers when torch.distributed is initialised, so every
     worker must call this (with its own shard) and gets the same result.
+    per_image: called after each sample with its confusion matrix of each model (name ->
+    (C, C)), e.g. for per-image scores (``dssn eval``).
     """
     mode = mode or cfg.data.eval_mode
     crop = cfg.data.eval_crop or cfg.data.crop_size
@@ -192,9 +195,13 @@ def evaluate(
         for image, mask in samples:
             x = normalize(image, cfg, device)
             target = mask.to(device).long().unsqueeze(0)  # (1, H, W)
+            this = {}
             for name, model in models.items():
                 pred, cropped = segment(model, x, mode, crop, cfg.data.eval_stride, target)
-                confusion[name] += confusion_matrix(pred, cropped, num_classes)
+                this[name] = confusion_matrix(pred, cropped, num_classes)
+                confusion[name] += this[name]
+            if per_image is not None:
+                per_image(this)
             images += 1
     images = int(all_reduce_confusion(images))
     out = {}

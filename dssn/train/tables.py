@@ -137,3 +137,32 @@ def plot_confusion(class_names: list[str], matrix, path: str | Path, title: str)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def image_score(matrix) -> tuple[float, float]:
+    """(mIoU, pixel accuracy) of one image's confusion matrix: the mean over the classes that
+    its ground truth or its prediction holds (the others have no IoU there)."""
+    from dssn.train.metrics import iou_per_class, pixel_accuracy
+
+    return mean_iou(iou_per_class(matrix)), pixel_accuracy(matrix)
+
+
+def per_image_rows(
+    ids: list[str], scores: list[tuple[float, float]], class_names: list[str], matrices
+) -> list[list[str]]:
+    """Header + one row per image, worst mIoU first: id, mIoU, pixel accuracy, and the image's
+    largest confusion in pixels ("9 as 3 (412 px)"; empty where every pixel is right)."""
+    order = sorted(range(len(ids)), key=lambda i: (_nan_last(scores[i][0]), ids[i]))
+    rows = [["id", "miou", "pixel_accuracy", "largest_confusion"]]
+    for i in order:
+        counts = matrices[i].clone()
+        counts.fill_diagonal_(0)
+        true, predicted = divmod(int(counts.argmax()), counts.shape[1])
+        pixels = int(counts[true, predicted])
+        worst = f"{class_names[true]} as {class_names[predicted]} ({pixels} px)" if pixels else ""
+        rows.append([ids[i], _pct(scores[i][0]), _pct(scores[i][1]), worst])
+    return rows
+
+
+def _nan_last(value: float) -> float:
+    return math.inf if math.isnan(value) else value
