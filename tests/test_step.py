@@ -10,6 +10,7 @@ import torch
 
 from dssn.config import Config, set_values
 from dssn.method import EMATeacher, StepOutputs, cutmix, loss_block, skips_strong, step
+from dssn.method.step import CLASS_METRICS
 from dssn.model import build_model
 
 SIZE, BATCH, CLASSES = 32, 2, 3
@@ -22,6 +23,7 @@ METRICS = {
     "loss_img",
     "loss_feat",
     "mask_ratio",
+    *CLASS_METRICS,
 }
 
 
@@ -80,7 +82,8 @@ def test_step_runs_forward_and_backward_with_tensor_metrics():
     assert loss.dim() == 0 and torch.isfinite(loss)
     assert set(metrics) == METRICS
     for name, value in metrics.items():
-        assert isinstance(value, torch.Tensor) and value.dim() == 0, name
+        shape = (CLASSES,) if name in CLASS_METRICS else ()
+        assert isinstance(value, torch.Tensor) and value.shape == shape, name
         assert not value.requires_grad, name
     loss.backward()
     assert all(p.grad is not None for p in student.backbone_parameters())
@@ -152,6 +155,20 @@ def random_outputs(seed: int = 0) -> StepOutputs:
         ignore=torch.randint(0, 2, (BATCH, 8, 8), generator=gen) * 255,
         ignore_mix=torch.zeros(BATCH, 8, 8, dtype=torch.long),
     )
+
+
+def test_per_class_counts_are_the_pseudo_labels_and_the_kept_ones_outside_padding():
+    out = random_outputs(3)
+    _, metrics, maps = loss_block(out, tiny_cfg(), skip_strong=False)
+    pseudo = torch.zeros(CLASSES)
+    kept = torch.zeros(CLASSES)
+    for view in ("s1", "s2"):
+        labels = maps[f"pseudo_label_{view}"]
+        pseudo += torch.bincount(labels[maps[f"ignore_{view}"] != 255], minlength=CLASSES)
+        kept += torch.bincount(labels[maps[f"selected_{view}"]], minlength=CLASSES)
+    assert torch.equal(metrics["pseudo_pixels"], pseudo)
+    assert torch.equal(metrics["selected_pixels"], kept)
+    assert 0 < kept.sum() < pseudo.sum() < 2 * BATCH * 8 * 8  # some kept; padding left out
 
 
 def test_loss_layout_voc_first_iteration_and_cityscapes():

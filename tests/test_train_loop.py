@@ -113,9 +113,10 @@ def test_an_epoch_shorter_than_log_every_still_logs_its_end(run_epoch, capsys, m
 
     cfg = tiny_cfg(log_every=100)  # 3 steps an epoch, as the demo's 25 against 100
     seen = []
-    monkeypatch.setattr(Board, "scalars", lambda self, group, values, step: seen.append(step))
+    monkeypatch.setattr(Board, "scalars", lambda self, group, _, step: seen.append((group, step)))
     real, real_remaining = loop.train_one_epoch, loop.remaining
     board = Board.__new__(Board)  # only scalars() is called, recorded above
+    board.classes = None
     monkeypatch.setattr(loop, "train_one_epoch", lambda *a, **k: real(*a, **{**k, "board": board}))
     paced = []
     monkeypatch.setattr(loop, "remaining", lambda *a: paced.append(a[-1]) or real_remaining(*a))
@@ -123,7 +124,7 @@ def test_an_epoch_shorter_than_log_every_still_logs_its_end(run_epoch, capsys, m
     lines = [x for x in capsys.readouterr().out.splitlines() if " step " in x]
     assert len(lines) == 1 and lines[0].startswith("epoch 1/2 step 3/3 (iter 3)")
     assert " eta " in lines[0] and paced == [3]  # the time left at the pace of those 3 steps
-    assert seen == [3]  # the board's train/* point at the global iteration
+    assert seen == [("train", 3), ("pseudo", 3)]  # the board's points at the global iteration
 
 
 def test_time_left_of_the_run_or_of_its_burn_in():
@@ -321,6 +322,14 @@ def test_log_lines_go_to_tensorboard_at_the_global_iteration(run_epoch, monkeypa
     scalars = board_scalars(tmp_path)
     for tag in ("train/loss", "train/loss_x", "train/mask_ratio", "train/lr", "train/data_wait"):
         assert [step for step, _ in scalars[tag]] == [2, 4], tag
+    for c in range(3):  # per class (no dataset names here): kept share and share of labels
+        assert [step for step, _ in scalars[f"pseudo/share/{c}"]] == [2, 4]
+    assert sum(
+        v for t, points in scalars.items() if "pseudo/share/" in t for _, v in points[:1]
+    ) == pytest.approx(1.0)
+    kept = [v for t, points in scalars.items() if "pseudo/kept/" in t for _, v in points]
+    assert kept and all(0.0 <= v <= 1.0 for v in kept)
+    assert not any(t.startswith("train/") and "pixels" in t for t in scalars)
     lr = [v for _, v in scalars["train/lr"]]
     assert lr[0] > lr[1] > 0  # poly decay, as the log line prints it
     assert all(v > 0 for _, v in scalars["train/images_per_s"])

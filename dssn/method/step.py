@@ -8,7 +8,8 @@ Two halves, so that the math can be checked on fixed tensors:
 - :func:`loss_block`: everything after the network outputs (steps 5-7): mixed pseudo-labels,
   selection, the loss terms and the total. A pure function of tensors and the config.
 
-No optimizer, no logging, no host synchronisation: metrics are detached 0-dim tensors.
+No optimizer, no logging, no host synchronisation: metrics are detached 0-dim tensors, except
+the per-class counts ``pseudo_pixels`` and ``selected_pixels`` (C,) (:data:`CLASS_METRICS`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from .losses import labeled_ce, normalized_mse, ohem_ce, pixel_infonce, pseudo_l
 from .selection import select
 
 LOSS_SCALE = 0.5  # the reference halves the summed loss: L = 1/2 (Lx + ...)
+# (C,) metrics: the teacher's pseudo-labels of the two mixed strong views per class (not
+# padding), and how many of them the selection kept: what the class-aware rule does per class
+CLASS_METRICS = ("pseudo_pixels", "selected_pixels")
 FEATURE_BRANCHES = 2  # the feature-level Siamese pair: two independent dropout draws
 
 LABELED_KEYS = ("image_x", "mask_x")
@@ -181,6 +185,15 @@ def loss_block(
 
         valid = out.ignore != IGNORE_INDEX
         mask_ratio = (selected_weak & valid).sum() / valid.sum().clamp_min(1)
+        classes = teacher.shape[1]
+        unpadded = [mask != IGNORE_INDEX for mask in ignore]
+        pseudo_pixels = sum(
+            class_counts(p, v, classes) for p, v in zip(pseudo, unpadded, strict=True)
+        )
+        selected_pixels = sum(
+            class_counts(p, s & v, classes)
+            for p, s, v in zip(pseudo, selected, unpadded, strict=True)
+        )
 
     metrics = {
         "loss_x": loss_x,
@@ -191,6 +204,8 @@ def loss_block(
         "loss_img": loss_img,
         "loss_feat": loss_feat,
         "mask_ratio": mask_ratio,
+        "pseudo_pixels": pseudo_pixels,
+        "selected_pixels": selected_pixels,
     }
     maps = {
         "pseudo_label_s1": pseudo[0],
@@ -203,6 +218,13 @@ def loss_block(
         "selected_w": selected_weak & valid,
     }
     return loss, {k: v.detach() for k, v in metrics.items()}, maps
+
+
+def class_counts(labels: torch.Tensor, where: torch.Tensor, classes: int) -> torch.Tensor:
+    """(C,) float: how many pixels of each class ``labels`` (B, H, W) holds where ``where``
+    is true. A scatter-add, so no host sync (``bincount`` on CUDA syncs for its size)."""
+    counts = torch.zeros(classes, device=labels.device)
+    return counts.scatter_add_(0, labels.flatten(), where.flatten().float())
 
 
 def skips_strong(cfg: Config, iteration: int, epoch: int) -> bool:

@@ -5,6 +5,9 @@ Rank 0 writes ``<run_dir>/tensorboard/``, against the global iteration:
 - ``train/*`` with each log line (every ``train.log_every`` steps and at an epoch's end): what
   it prints (each loss term, the share of pseudo-labels selected, the learning rate, images/s,
   the data-wait share);
+- ``pseudo/*`` with each log line of DSSN steps, per class: ``pseudo/kept/<class>``, the share
+  of the teacher's pseudo-labels of the class that the selection kept, and
+  ``pseudo/share/<class>``, the class's share of the pseudo-labels (:func:`pseudo_scalars`);
 - ``eval/*`` at each evaluation: teacher and student mIoU, and the teacher's IoU of every
   class (``eval/teacher_iou/<class>``);
 - ``epoch/*`` at each epoch's end: images/s and the data-wait share over the epoch;
@@ -48,6 +51,7 @@ class Board:
         from torch.utils.tensorboard import SummaryWriter
 
         self._writer = SummaryWriter(log_dir, purge_step=purge_step)
+        self.classes: list[str] | None = None  # the dataset's class names, for per-class tags
 
     def scalars(self, prefix: str, values: dict[str, Any], step: int) -> None:
         """``<prefix>/<name>`` for every finite number in ``values``."""
@@ -89,13 +93,34 @@ def open_board(cfg: Config, rank: int, resumed_from: int) -> Board | None:
     return board
 
 
+def _class_tag(classes: list[str] | None, i: int) -> str:
+    name = classes[i] if classes and i < len(classes) else str(i)
+    return name.replace(" ", "_")
+
+
+def pseudo_scalars(sums: dict[str, list[float]], classes: list[str] | None) -> dict[str, float]:
+    """Per class, from a log window's pixel counts (``pseudo_pixels``, ``selected_pixels``):
+    ``kept/<class>``, the share of the teacher's pseudo-labels of that class that the
+    selection kept, and ``share/<class>``, the class's share of all its pseudo-labels. Empty
+    without the counts (a labeled-only step); a class the teacher never named has no ``kept``."""
+    if "pseudo_pixels" not in sums or "selected_pixels" not in sums:
+        return {}
+    pseudo, kept = sums["pseudo_pixels"], sums["selected_pixels"]
+    total = sum(pseudo)
+    out = {}
+    for i, (n, k) in enumerate(zip(pseudo, kept, strict=True)):
+        tag = _class_tag(classes, i)
+        out[f"kept/{tag}"] = k / n if n else math.nan
+        out[f"share/{tag}"] = n / total if total else math.nan
+    return out
+
+
 def eval_scalars(state: TrainState, classes: list[str] | None) -> dict[str, float]:
     """What an evaluation puts on the board: mIoU of both networks and the teacher's per-class
     IoU (named by the dataset's classes, else by index)."""
     out = {"teacher_miou": state.teacher_miou, "student_miou": state.student_miou}
     for i, iou in enumerate(state.teacher_iou):
-        name = classes[i] if classes and i < len(classes) else str(i)
-        out[f"teacher_iou/{name.replace(' ', '_')}"] = iou
+        out[f"teacher_iou/{_class_tag(classes, i)}"] = iou
     return out
 
 

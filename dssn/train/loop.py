@@ -27,7 +27,13 @@ from dssn.config import Config, from_dict
 from dssn.data.format import read_dataset_info
 from dssn.data.pipeline import iter_train_batches, iter_val_samples, iters_per_epoch, to_device
 from dssn.method import step
-from dssn.train.board import Board, eval_scalars, open_board, prediction_pictures
+from dssn.train.board import (
+    Board,
+    eval_scalars,
+    open_board,
+    prediction_pictures,
+    pseudo_scalars,
+)
 from dssn.train.evaluate import amp_fallback_note, autocast_for, evaluate
 from dssn.train.faults import FaultInjector
 from dssn.train.history import epoch_record
@@ -192,6 +198,8 @@ def train_one_epoch(
             if board is not None:
                 figures = {"lr": lr, "images_per_s": rate, "data_wait": wait_share}
                 board.scalars("train", {**window, **figures}, state.iteration)
+                pseudo = pseudo_scalars(meter.window_sums_of_vectors(), board.classes)
+                board.scalars("pseudo", pseudo, state.iteration)
             log(
                 rank,
                 f"epoch {epoch + 1}/{cfg.train.epochs} step {i}/{per_epoch} "
@@ -305,6 +313,8 @@ def train_epochs(
     resumed_from = state.iteration
     dataset = read_dataset_info(cfg.data.root) if rank == 0 else None
     classes = (dataset or {}).get("classes")
+    if board is not None:
+        board.classes = classes
     preview, palette = [], None  # the val images whose predictions the board shows
     if board is not None and cfg.train.board_images > 0:
         preview = list(islice(iter_val_samples(cfg, rank=0, world_size=1), cfg.train.board_images))

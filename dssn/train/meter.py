@@ -3,6 +3,8 @@
 The step returns 0-dim detached tensors; adding them is asynchronous on a GPU. The host waits
 only at a log line (:meth:`MetricMeter.window_means`) and at the end of the epoch
 (:meth:`MetricMeter.epoch_means`, which also averages over workers with one all-reduce).
+Metrics with a shape (the per-class pixel counts) are summed apart: the window's sums are read
+with :meth:`MetricMeter.window_sums_of_vectors` (rank 0's board); the means leave them out.
 """
 
 from __future__ import annotations
@@ -26,17 +28,23 @@ class MetricMeter:
         self.device = device
         self.epoch_sums: dict[str, torch.Tensor] = {}
         self.window_sums: dict[str, torch.Tensor] = {}
+        self.window_vectors: dict[str, torch.Tensor] = {}
         self.epoch_steps = 0
         self.window_steps = 0
         self.total_images = 0
         self.window_images = 0
 
     def add(self, metrics: dict[str, torch.Tensor], loss: torch.Tensor, images: int) -> None:
-        """One finished step: its loss and metrics (0-dim tensors), ``images`` trained on."""
+        """One finished step: its loss and metrics (0-dim tensors, or (C,) counts),
+        ``images`` trained on."""
         values = {"loss": loss.detach(), **metrics}
-        for sums in (self.epoch_sums, self.window_sums):
-            for key, value in values.items():
-                value = value.detach().float()
+        for key, value in values.items():
+            value = value.detach().float()
+            if value.dim():  # per-class counts: the window's only
+                sums = self.window_vectors
+                sums[key] = sums[key] + value if key in sums else value.clone()
+                continue
+            for sums in (self.epoch_sums, self.window_sums):
                 sums[key] = sums[key] + value if key in sums else value.clone()
         self.epoch_steps += 1
         self.window_steps += 1
@@ -55,8 +63,14 @@ class MetricMeter:
         values = torch.stack([self.window_sums[k] for k in keys]).div(self.window_steps)
         return dict(zip(keys, values.tolist(), strict=True))
 
+    def window_sums_of_vectors(self) -> dict[str, list[float]]:
+        """Sums of the shaped metrics (per-class counts) since the last :meth:`reset_window`
+        (one host sync)."""
+        return {key: value.tolist() for key, value in self.window_vectors.items()}
+
     def reset_window(self) -> None:
         self.window_sums, self.window_steps, self.window_images = {}, 0, 0
+        self.window_vectors = {}
 
     def epoch_means(self, world_size: int) -> dict[str, float]:
         """Means over the epoch's steps of every worker (a collective when distributed)."""
