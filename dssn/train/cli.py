@@ -6,6 +6,7 @@
     dssn eval --checkpoint DIR|FILE.pth --data SHARDS [--mode M] [--out DIR]
     dssn predict --checkpoint DIR --images DIR --out DIR
     dssn compare RUN_DIR [RUN_DIR ...] [--which final|best] [--out DIR]
+    dssn export --checkpoint DIR|FILE.pth --out FILE.pt2 [--model teacher|student]
 
 Heavy imports (torch, Ray) happen inside the handlers so ``dssn --help`` stays instant.
 """
@@ -77,6 +78,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=("original", "sliding_window"), default="original")
     p.set_defaults(func=predict_command)
 
+    p = sub.add_parser("export", help="a checkpoint's network as a torch.export program (.pt2)")
+    _checkpoint_args(p)
+    p.add_argument("--out", required=True, help="the .pt2 file to write")
+    p.add_argument("--model", choices=("teacher", "student"), default="teacher")
+    p.add_argument("--size", type=int, help="side of the traced example (default: data.crop_size)")
+    p.set_defaults(func=_export)
+
 
 def _checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -105,6 +113,12 @@ def train_overrides(args: argparse.Namespace) -> list[str]:
         if value is not None:
             out.append(f"{key}={value}")
     return out
+
+
+def _export(args: argparse.Namespace) -> int:
+    from dssn.train.export import export_command
+
+    return export_command(args)
 
 
 def _compare(args: argparse.Namespace) -> int:

@@ -1,0 +1,66 @@
+"""``dssn export``: a checkpoint's network as a torch.export program (no Ray)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from dssn.cli import main
+from dssn.config import Config
+from dssn.model import build_model
+from dssn.train.evaluate import normalize
+from dssn.train.inference import predict_image
+
+
+def reference_checkpoint(tmp_path):
+    """A DSSN/UniMatch-style ``best.pth`` ({'model': DDP state dict}) and its config."""
+    cfg = Config()
+    cfg.model.backbone, cfg.model.width, cfg.model.num_classes = "tiny", 8, 3
+    cfg.data.crop_size = 32
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    for module in model.modules():  # BatchNorm statistics that are not the identity
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    path = tmp_path / "best.pth"
+    torch.save({"model": {"module." + k: v for k, v in model.state_dict().items()}}, path)
+    cfg.save(tmp_path / "config.yaml")
+    return path, tmp_path / "config.yaml", model, cfg
+
+
+def test_the_program_predicts_as_dssn_predict_at_any_size_and_batch(tmp_path, capsys):
+    path, config, model, cfg = reference_checkpoint(tmp_path)
+    out = tmp_path / "deploy" / "student.pt2"
+    args = ["export", "--checkpoint", str(path), "--config", str(config), "--out", str(out)]
+    assert main([*args, "--model", "student"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert [p.name for p in out.parent.iterdir()] == ["student.pt2"]  # no partial file left
+    extra = {"dssn.json": ""}
+    program = torch.export.load(out, extra_files=extra).module()
+    info = json.loads(extra["dssn.json"])
+    assert info["model"] == "student" and info["classes"] == ["0", "1", "2"]
+    assert info["config"]["model"]["backbone"] == "tiny" and len(info["palette"]) == 3
+    gen = torch.Generator().manual_seed(1)
+    for batch, height, width in ((1, 32, 32), (3, 45, 61)):  # not the traced 2 x 32 x 32
+        images = torch.randint(0, 256, (batch, 3, height, width), generator=gen, dtype=torch.uint8)
+        logits = program(images)
+        assert logits.shape == (batch, 3, height, width)
+        for image, these, labels in zip(images, logits, logits.argmax(1), strict=True):
+            expected = predict_image(model, image.permute(1, 2, 0).numpy(), cfg, "original")
+            assert np.array_equal(labels.numpy(), expected)
+            with torch.no_grad():  # the evaluation's normalisation, to float32 rounding
+                direct = model(normalize(image, cfg, torch.device("cpu")))[0]
+            torch.testing.assert_close(these, direct, rtol=1e-5, atol=1e-5)
+
+
+def test_what_the_checkpoint_lacks_and_a_wrong_name_are_one_line_errors(tmp_path, capsys):
+    path, config, _, _ = reference_checkpoint(tmp_path)
+    args = ["export", "--checkpoint", str(path), "--config", str(config)]
+    assert main([*args, "--out", str(tmp_path / "t.pt2")]) == 2  # --model teacher: not in it
+    assert "holds no teacher (it holds: student)" in capsys.readouterr().err
+    assert main([*args, "--model", "student", "--out", str(tmp_path / "t.onnx")]) == 2
+    assert "name the file *.pt2" in capsys.readouterr().err
+    assert not (tmp_path / "t.pt2").exists() and not (tmp_path / "t.onnx").exists()
