@@ -41,7 +41,7 @@ from dssn.data import digits
 from dssn.data import format as fmt
 from dssn.data.pipeline import decode_image, decode_mask
 from dssn.method.selection import select
-from dssn.train.checkpoint import is_checkpoint_dir
+from dssn.train.checkpoint import is_checkpoint_dir, resolve_checkpoint
 from dssn.train.evaluate import autocast_for
 from dssn.train.inference import Loaded, load_for_inference
 from dssn.train.tables import class_names_for
@@ -77,13 +77,10 @@ def add(total: dict | None, part: dict) -> dict:
 
 def checkpoint_dir(path: str) -> Path:
     """A checkpoint directory, or a run directory's last ``checkpoint_epoch_*``."""
-    p = Path(path)
-    if is_checkpoint_dir(p):
-        return p
-    found = sorted(c for c in p.glob("checkpoint_epoch_*") if is_checkpoint_dir(c))
-    if not found:
+    p = resolve_checkpoint(path)
+    if not is_checkpoint_dir(p):
         sys.exit(f"pseudo_labels: {p} is neither a checkpoint nor a run with checkpoint_epoch_*")
-    return found[-1]
+    return p
 
 
 def scenes(root: str, part: str, limit: int | None):

@@ -132,3 +132,18 @@ def test_rng_round_trip():
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], again[0])
     assert np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+
+
+def test_a_run_directory_stands_for_its_last_complete_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    for epoch, files in ((2, ("state.json", "model.pt")), (10, ("state.json", "model.pt")),
+                         (11, ("state.json",))):  # fmt: skip
+        directory = run / f"checkpoint_epoch_{epoch:04d}"
+        directory.mkdir(parents=True)
+        for name in files:
+            (directory / name).write_text("{}")
+    last = run / "checkpoint_epoch_0010"  # 11 is half-written (a killed attempt): no model.pt
+    assert ckpt.resolve_checkpoint(run) == last
+    assert ckpt.resolve_checkpoint(last) == last
+    assert ckpt.resolve_checkpoint(tmp_path) == tmp_path  # neither: left for the reader to name
+    assert ckpt.resolve_checkpoint(tmp_path / "best.pth") == tmp_path / "best.pth"

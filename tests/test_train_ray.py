@@ -204,6 +204,7 @@ def test_final_checkpoint_loads_without_ray(main_run):
     assert state["best_teacher_miou"] == pytest.approx(m["best_teacher_miou"])
     loaded = load_for_inference(final)
     assert set(loaded.models) == {"student", "teacher"}
+    assert load_for_inference(run_dir).source == str(final)  # a run: its last checkpoint
     assert len(torch.load(final / "rng.pt", weights_only=True)) == 2  # one state per worker
 
 

@@ -81,6 +81,16 @@ def is_checkpoint_dir(path: str | Path) -> bool:
     return (path / STATE).is_file() and (path / MODEL).is_file()
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory as given, or, for a run directory (``<storage>/<name>``), its
+    last complete ``checkpoint_epoch_*``; other paths unchanged (the reader names them)."""
+    path = Path(path)
+    if not path.is_dir() or is_checkpoint_dir(path):
+        return path
+    found = [c for c in path.glob("checkpoint_epoch_*") if is_checkpoint_dir(c)]
+    return max(found, key=lambda c: c.name) if found else path
+
+
 def read_state(directory: str | Path) -> dict[str, Any]:
     """state.json of a checkpoint directory."""
     directory = Path(directory)

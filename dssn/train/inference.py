@@ -46,12 +46,13 @@ class Loaded:
 def load_for_inference(
     path: str | Path, config: str | Path | None = None, overrides: list[str] | None = None
 ) -> Loaded:
-    """Models of a checkpoint directory or reference ``.pth`` file, in eval mode, on CPU.
+    """Models of a checkpoint directory (or a run directory: its last checkpoint) or reference
+    ``.pth`` file, in eval mode, on CPU.
 
     config/overrides: for a checkpoint directory they change the stored config (e.g. data
     paths); for a reference file they are required to know the architecture.
     """
-    path = Path(path)
+    path = ckpt.resolve_checkpoint(path)  # a run directory: its last checkpoint
     if path.is_dir():
         return _load_dir(path, config, overrides)
     if path.is_file():
