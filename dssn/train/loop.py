@@ -68,10 +68,16 @@ def backward_and_step(nets: Networks, loss: torch.Tensor, world_size: int) -> bo
     if not nets.scaler.is_enabled():
         nets.optimizer.step()
         return True
-    scale = nets.scaler.get_scale()
-    nets.scaler.step(nets.optimizer)  # skips the step if a gradient is inf/NaN (all-reduced)
-    nets.scaler.update()
-    return nets.scaler.get_scale() >= scale  # update() lowers the scale only after a skip
+    # Whether the scaler stepped, without reading the scale back (each read is a host sync on
+    # a GPU): the optimizer's post-step hook runs only if it did.
+    stepped: list[bool] = []
+    hook = nets.optimizer.register_step_post_hook(lambda *_: stepped.append(True))
+    try:
+        nets.scaler.step(nets.optimizer)  # skips the step if a gradient is inf/NaN (all-reduced)
+    finally:
+        hook.remove()
+    nets.scaler.update()  # lowers the scale after a skip
+    return bool(stepped)
 
 
 def log(rank: int, message: str) -> None:
