@@ -85,16 +85,21 @@ def decode_mask(data: bytes) -> torch.Tensor:
 
 
 def decode_row(batch: dict[str, np.ndarray], i: int, column: str = "image") -> torch.Tensor:
-    """Row ``i``'s image or mask, decoded; a ShardError naming the shard and the row's id if
-    it does not decode. ``dssn prepare`` verified every row, so this is a shard changed or
+    """Row ``i``'s image or mask, decoded (:func:`decode_named`), named by its "shard" and "id"."""
+    shard = batch["shard"][i] if "shard" in batch else "a shard"
+    return decode_named(batch[column][i], column, shard, batch["id"][i])
+
+
+def decode_named(data: bytes, column: str, shard: str, row_id: str) -> torch.Tensor:
+    """An image or mask column's bytes, decoded; a ShardError naming the shard and the row if
+    they do not decode. ``dssn prepare`` verified every row, so this is a shard changed or
     damaged since (or written by other means): the error says where, instead of a bare
     decoder message from inside a Ray Data task."""
     try:
-        return (decode_image if column == "image" else decode_mask)(batch[column][i])
+        return (decode_image if column == "image" else decode_mask)(data)
     except Exception as e:
-        shard = batch["shard"][i] if "shard" in batch else "a shard"
         raise fmt.ShardError(
-            f"{shard}: row '{batch['id'][i]}': its {column} does not decode "
+            f"{shard}: row '{row_id}': its {column} does not decode "
             f"({type(e).__name__}: {e}); prepare the dataset again (`dssn prepare`), which "
             f"verifies every row"
         ) from e
@@ -444,5 +449,7 @@ def iter_val_samples(
         for row in table.take(mine).to_pylist():
             if row["mask"] is None:
                 raise fmt.ShardError(f"{path}: row '{row['id']}' has no mask")
-            row = {key: [value] for key, value in row.items()} | {"shard": [path]}
-            yield decode_row(row, 0), decode_row(row, 0, "mask")
+            yield (
+                decode_named(row["image"], "image", path, row["id"]),
+                decode_named(row["mask"], "mask", path, row["id"]),
+            )

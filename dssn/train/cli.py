@@ -276,20 +276,23 @@ def eval_command(args: argparse.Namespace) -> int:
         if name == shown:
             listed = ", ".join(f"{row[0]} {row[1]}" for row in table[1:6])
             print(f"{shown}'s lowest per-image mIoU: {listed}")
-            worst = [ids.index(row[0]) for row in table[1 : 1 + args.worst]]
-            paths += draw_images(loaded, cfg, models[shown], worst, out / f"worst-{shown}", device)
+            position = {image_id: i for i, image_id in enumerate(ids)}
+            worst = [position[row[0]] for row in table[1 : 1 + args.worst]]
+            paths += draw_images(
+                loaded, cfg, models[shown], ids, worst, out / f"worst-{shown}", device
+            )
     for path in [*paths, out / "eval.json"]:
         print(f"wrote {path}")
     return 0
 
 
-def draw_images(loaded, cfg, model, indices: list[int], out: Path, device) -> list[Path]:
-    """``<out>/<rank>_<id>.png`` for the val rows at ``indices`` (in that order): image |
-    ground truth | prediction, in the dataset's palette (as TensorBoard's predictions)."""
+def draw_images(loaded, cfg, model, ids, indices: list[int], out: Path, device) -> list[Path]:
+    """``<out>/<rank>_<id>.png`` for the val rows at ``indices`` (in that order; ``ids``: every
+    val row's): image | ground truth | prediction, in the dataset's palette (as TensorBoard's
+    predictions). The val rows are read again, and only those kept."""
     import numpy as np
     from PIL import Image
 
-    from dssn.data.format import iter_rows
     from dssn.data.pipeline import iter_val_samples
     from dssn.train.board import prediction_pictures
     from dssn.train.inference import dataset_info, palette_for
@@ -299,7 +302,6 @@ def draw_images(loaded, cfg, model, indices: list[int], out: Path, device) -> li
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):  # an earlier eval's pictures would mix with these
         old.unlink()
-    ids = [row["id"] for row in iter_rows(cfg.data.root, "val", ["id"])]
     wanted = set(indices)
     chosen = {
         i: sample

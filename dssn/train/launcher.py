@@ -323,7 +323,7 @@ def failure_causes(error: BaseException) -> list[str]:
     if not failures and hasattr(error, "controller_failure"):
         failures = {"controller": error.controller_failure}
     lines = []
-    for rank, failure in sorted(failures.items(), key=lambda item: str(item[0])):
+    for rank, failure in sorted(failures.items()):  # ranks, or the controller alone
         found = EXCEPTION_LINE.findall(str(failure))
         ours = [(name, text) for name, text in found if name.startswith("dssn.")]
         if ours or found:

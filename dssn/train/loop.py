@@ -3,8 +3,8 @@
     train_loop_per_worker(cfg.to_dict())
 
 Per epoch: ``iters_per_epoch`` DSSN steps (SGD, poly decay after each step, EMA update), a log
-line every ``train.log_every`` steps and at the epoch's last step, evaluation of student and teacher every ``eval_every``
-epochs (and after the last), then one ``ray.train.report`` per worker with the epoch's metrics;
+line every ``train.log_every`` steps and at the epoch's last step, evaluation of student and
+teacher every ``eval_every`` epochs (and after the last), then one ``ray.train.report`` per worker with the epoch's metrics;
 rank 0 attaches the checkpoint. A run resumes from ``ray.train.get_checkpoint()``.
 """
 

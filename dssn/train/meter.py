@@ -40,11 +40,9 @@ class MetricMeter:
         values = {"loss": loss.detach(), **metrics}
         for key, value in values.items():
             value = value.detach().float()
-            if value.dim():  # per-class counts: the window's only
-                sums = self.window_vectors
-                sums[key] = sums[key] + value if key in sums else value.clone()
-                continue
-            for sums in (self.epoch_sums, self.window_sums):
+            # per-class counts: the window's only
+            targets = (self.window_vectors,) if value.dim() else (self.epoch_sums, self.window_sums)
+            for sums in targets:
                 sums[key] = sums[key] + value if key in sums else value.clone()
         self.epoch_steps += 1
         self.window_steps += 1
@@ -66,7 +64,11 @@ class MetricMeter:
     def window_sums_of_vectors(self) -> dict[str, list[float]]:
         """Sums of the shaped metrics (per-class counts) since the last :meth:`reset_window`
         (one host sync)."""
-        return {key: value.tolist() for key, value in self.window_vectors.items()}
+        if not self.window_vectors:
+            return {}
+        keys = list(self.window_vectors)
+        values = torch.stack([self.window_vectors[k] for k in keys]).tolist()
+        return dict(zip(keys, values, strict=True))
 
     def reset_window(self) -> None:
         self.window_sums, self.window_steps, self.window_images = {}, 0, 0
