@@ -147,3 +147,12 @@ def test_a_run_directory_stands_for_its_last_complete_checkpoint(tmp_path):
     assert ckpt.resolve_checkpoint(last) == last
     assert ckpt.resolve_checkpoint(tmp_path) == tmp_path  # neither: left for the reader to name
     assert ckpt.resolve_checkpoint(tmp_path / "best.pth") == tmp_path / "best.pth"
+
+
+def test_eval_refuses_a_negative_count_of_worst_images(tmp_path, capsys):
+    from dssn.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--checkpoint", str(tmp_path), "--data", str(tmp_path), "--worst", "-2"])
+    assert exit_.value.code == 2
+    assert "argument --worst: -2 is negative" in capsys.readouterr().err

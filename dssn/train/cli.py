@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="directory for eval.csv / eval.md (default: beside the ckpt)")
     p.add_argument(
         "--worst",
-        type=int,
+        type=_count,
         default=WORST_IMAGES,
         metavar="K",
         help=f"draw the K val images the teacher scores lowest on (default {WORST_IMAGES}; 0: none)",
@@ -84,6 +84,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", choices=("teacher", "student"), default="teacher")
     p.add_argument("--size", type=int, help="side of the traced example (default: data.crop_size)")
     p.set_defaults(func=_export)
+
+
+def _count(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative: give a count >= 0")
+    return value
 
 
 def _checkpoint_args(p: argparse.ArgumentParser) -> None:
