@@ -61,15 +61,15 @@ def export_program(model: nn.Module, cfg: Any, size: int | None = None):
 def export_command(args) -> int:
     from dssn.train.inference import dataset_info, load_for_inference, palette_for
 
+    out = Path(args.out)
+    if out.suffix != ".pt2":  # before the checkpoint is read
+        raise ConfigError(f"--out {out}: name the file *.pt2 (a torch.export program)")
     loaded = load_for_inference(args.checkpoint, args.config, args.overrides)
     if args.model not in loaded.models:
         raise ConfigError(
             f"{loaded.source} holds no {args.model} (it holds: {', '.join(loaded.models)})"
         )
     cfg = loaded.cfg
-    out = Path(args.out)
-    if out.suffix != ".pt2":
-        raise ConfigError(f"--out {out}: name the file *.pt2 (a torch.export program)")
     print(f"dssn export: tracing the {args.model} of {loaded.source} ...", flush=True)
     program = export_program(loaded.models[args.model], cfg, args.size)
     info = dataset_info(loaded) or {}
