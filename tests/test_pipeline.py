@@ -188,6 +188,29 @@ def test_a_row_that_no_longer_decodes_is_named_with_its_shard(tmp_path):
     assert len(pipeline.read_and_augment(good, "unlabeled", cfg.data)["image_u_w"]) == 4
 
 
+def test_shards_from_other_writers_read_together(tmp_path):
+    """A task's row groups can come from shards of different writers: ``dssn prepare``'s
+    (columns not null, ``binary``) and, say, plain ``pq.write_table`` with ``large_binary``
+    images (every column nullable). Their tables differ in schema; the read joins them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = make_shards(tmp_path, n_unlabeled=4, shard_rows=4)
+    other = list(constant_rows(range(5, 9), False))
+    columns = {k: [row[k] for row in other] for k in fmt.COLUMNS}
+    table = pa.table(columns | {"image": pa.array(columns["image"], pa.large_binary())})
+    assert table.schema.field("id").nullable and table.schema != fmt.SCHEMA
+    pq.write_table(table, root / "unlabeled" / "part-00001.parquet")
+    shards = fmt.list_shards(root, "unlabeled")
+    batch = {"path": np.array(shards), "row_group": np.array([0, 0])}
+    ids = pipeline.read_row_groups(batch)["id"].to_pylist()
+    assert sorted(ids) == [f"r{v}" for v in range(1, 9)]
+    out = pipeline.read_and_augment(batch, "unlabeled", make_cfg(root).data)
+    assert len(out["image_u_w"]) == 8
+    in_order = pipeline.read_shards_in_order({"path": np.array(shards)})
+    assert in_order["id"].to_pylist() == [f"r{v}" for v in range(1, 9)]
+
+
 @pytest.mark.ray
 def test_training_stream_blocks_have_one_chunk(ray_instance, tmp_path):
     """Each block a training stream delivers holds one row group with every column in one

@@ -1,4 +1,5 @@
-"""Two real gloo processes on CPU: synchronised BatchNorm and the all-reduced confusion matrix."""
+"""Two real gloo processes on CPU: synchronised BatchNorm, the all-reduced confusion matrix and
+the all-reduced log window of the training metrics."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from dssn.train.meter import MetricMeter
 from dssn.train.metrics import all_reduce_confusion, confusion_matrix
 from dssn.train.sync_bn import AllReduceBatchNorm, convert_sync_batchnorm
 
@@ -117,3 +119,28 @@ def test_ddp_training_keeps_workers_identical(tmp_path):
         for key, value in a[net].items():
             # different data on each worker, yet the same weights and (synchronised) BN stats
             torch.testing.assert_close(value, b[net][key], msg=f"{net}.{key}")
+
+
+def _window_worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        meter = MetricMeter(torch.device("cpu"))
+        steps = (
+            [(1.0, [1.0, 0.0, 2.0]), (3.0, [0.0, 1.0, 0.0])] if rank == 0 else [(5.0, [4.0] * 3)]
+        )
+        for loss, kept in steps:
+            metrics = {"mask_ratio": torch.tensor(loss / 10), "kept": torch.tensor(kept)}
+            meter.add(metrics, torch.tensor(loss), images=8)
+        torch.save(meter.window(WORLD), os.path.join(out_dir, f"window{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_log_window_describes_every_worker(tmp_path):
+    """A log line's figures are the global batch's: scalar means over all workers' steps (3
+    here: 2 on rank 0, 1 on rank 1), per-class counts summed, images summed, on every rank."""
+    mp.spawn(_window_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        means, counts, images = torch.load(tmp_path / f"window{rank}.pt", weights_only=True)
+        assert set(means) == {"loss", "mask_ratio"} and abs(means["mask_ratio"] - 0.3) < 1e-6
+        assert means["loss"] == 3.0 and counts == {"kept": [5.0, 5.0, 6.0]} and images == 24

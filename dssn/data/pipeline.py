@@ -197,7 +197,7 @@ def read_row_groups(batch: dict[str, np.ndarray]):
             pa.array(np.zeros(table.num_rows, np.int32)), pa.array([str(path)])
         )
         tables.append(table.append_column("shard", shard))
-    table = pa.concat_tables(tables)
+    table = concat(tables)
     return table.take(np.random.default_rng().permutation(table.num_rows))
 
 
@@ -217,9 +217,16 @@ def read_and_augment(batch: dict[str, np.ndarray], stream: str, cfg: Any) -> dic
 
 def read_shards_in_order(batch: dict[str, np.ndarray]):
     """Read the shards named in ``batch["path"]`` -> one pyarrow Table, rows in order."""
+    return concat([fmt.read_shard(path, READ_COLUMNS) for path in batch["path"]])
+
+
+def concat(tables: list):
+    """One table from shards' tables whose schemas may differ in what the format leaves open
+    to other writers: nullability (``pq.write_table`` marks every column nullable, ``dssn
+    prepare`` does not) and the width of the types (polars writes ``large_binary``)."""
     import pyarrow as pa
 
-    return pa.concat_tables([fmt.read_shard(path, READ_COLUMNS) for path in batch["path"]])
+    return pa.concat_tables(tables, promote_options="permissive")
 
 
 BATCH_FUNCTIONS = {"labeled": labeled_batch, "unlabeled": unlabeled_batch, "mix": mix_batch}

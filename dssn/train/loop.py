@@ -191,29 +191,32 @@ def train_one_epoch(
         lr = set_poly_lr(nets.optimizer, state.iteration, total_iters, cfg.optim.poly_power)
         state.iteration += 1
         i += 1
-        # a line every log_every steps, and one at the epoch's last step (a short epoch too)
-        if rank == 0 and (i % cfg.train.log_every == 0 or i == per_epoch):
+        # a line every log_every steps, and one at the epoch's last step (a short epoch too);
+        # every worker joins the window's all-reduce, rank 0 writes the line
+        if i % cfg.train.log_every == 0 or i == per_epoch:
             now = time.perf_counter()
-            window = meter.window_means()  # the only host sync of the metrics
-            rate = meter.window_images * world_size / max(now - last_log, 1e-9)
-            if nets.scaler.is_enabled():  # fp16: the loss scale, and the steps it skipped
-                window["loss_scale"] = nets.scaler.get_scale()
-                window["overflow_skipped"] = state.overflow_skipped
-            parts = " ".join(f"{k} {v:.4g}" for k, v in window.items())
-            wait_share = window_wait / max(now - last_log, 1e-9)
-            if board is not None:
-                figures = {"lr": lr, "images_per_s": rate, "data_wait": wait_share}
-                board.scalars("train", {**window, **figures}, state.iteration)
-                pseudo = pseudo_scalars(meter.window_sums_of_vectors(), board.classes)
-                board.scalars("pseudo", pseudo, state.iteration)
-            log(
-                rank,
-                f"epoch {epoch + 1}/{cfg.train.epochs} step {i}/{per_epoch} "
-                f"(iter {state.iteration}) {parts} lr {lr:.3g} img/s {rate:.1f} "
-                f"data_wait {wait_share:.1%} "
-                + remaining(cfg, epoch, state.iteration, per_epoch, now - last_log, i - logged_at),
-            )
+            window, counts, images = meter.window(world_size)  # the only host sync
             meter.reset_window()
+            if rank == 0:
+                rate = images / max(now - last_log, 1e-9)
+                if nets.scaler.is_enabled():  # fp16: the loss scale, and the steps it skipped
+                    window["loss_scale"] = nets.scaler.get_scale()
+                    window["overflow_skipped"] = state.overflow_skipped
+                parts = " ".join(f"{k} {v:.4g}" for k, v in window.items())
+                wait_share = window_wait / max(now - last_log, 1e-9)  # rank 0's
+                if board is not None:
+                    figures = {"lr": lr, "images_per_s": rate, "data_wait": wait_share}
+                    board.scalars("train", {**window, **figures}, state.iteration)
+                    board.scalars("pseudo", pseudo_scalars(counts, board.classes), state.iteration)
+                log(
+                    rank,
+                    f"epoch {epoch + 1}/{cfg.train.epochs} step {i}/{per_epoch} "
+                    f"(iter {state.iteration}) {parts} lr {lr:.3g} img/s {rate:.1f} "
+                    f"data_wait {wait_share:.1%} "
+                    + remaining(
+                        cfg, epoch, state.iteration, per_epoch, now - last_log, i - logged_at
+                    ),
+                )
             last_log, window_wait, logged_at = now, 0.0, i
     elapsed = time.perf_counter() - start
     out = meter.epoch_means(world_size)

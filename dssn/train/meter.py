@@ -1,10 +1,10 @@
 """Running sums of the step's metric tensors, kept on the device and synced only when read.
 
 The step returns 0-dim detached tensors; adding them is asynchronous on a GPU. The host waits
-only at a log line (:meth:`MetricMeter.window_means`) and at the end of the epoch
-(:meth:`MetricMeter.epoch_means`, which also averages over workers with one all-reduce).
-Metrics with a shape (the per-class pixel counts) are summed apart: the window's sums are read
-with :meth:`MetricMeter.window_sums_of_vectors` (rank 0's board); the means leave them out.
+only at a log line (:meth:`MetricMeter.window`) and at the end of the epoch
+(:meth:`MetricMeter.epoch_means`); each of them sums over the workers with one all-reduce, so a
+log line describes the global batch, as the epoch's figures do. Metrics with a shape (the
+per-class pixel counts) are summed apart: the window returns their sums beside the means.
 """
 
 from __future__ import annotations
@@ -53,22 +53,26 @@ class MetricMeter:
         self.total_images += images
         self.window_images += images
 
-    def window_means(self) -> dict[str, float]:
-        """Means over the steps since the last :meth:`reset_window` (one host sync)."""
-        if not self.window_sums:
-            return {}
-        keys = list(self.window_sums)
-        values = torch.stack([self.window_sums[k] for k in keys]).div(self.window_steps)
-        return dict(zip(keys, values.tolist(), strict=True))
-
-    def window_sums_of_vectors(self) -> dict[str, list[float]]:
-        """Sums of the shaped metrics (per-class counts) since the last :meth:`reset_window`
-        (one host sync)."""
-        if not self.window_vectors:
-            return {}
-        keys = list(self.window_vectors)
-        values = torch.stack([self.window_vectors[k] for k in keys]).tolist()
-        return dict(zip(keys, values, strict=True))
+    def window(self, world_size: int = 1) -> tuple[dict[str, float], dict[str, list[float]], int]:
+        """The log window of every worker: the scalar metrics' means over all workers' steps
+        since the last :meth:`reset_window`, the per-class counts' sums, and the images trained
+        on. One host sync; when distributed, one all-reduce, which every worker must join at
+        the same step (the loop's log steps are the same on every worker)."""
+        scalars, vectors = list(self.window_sums), list(self.window_vectors)
+        flat = torch.cat(
+            [self.window_sums[k].reshape(1) for k in scalars]
+            + [self.window_vectors[k].reshape(-1) for k in vectors]
+            + [torch.tensor([self.window_steps, self.window_images], device=self.device)]
+        ).float()
+        if world_size > 1 and dist.is_initialized():
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        *values, steps, images = flat.tolist()
+        means = {k: v / steps for k, v in zip(scalars, values, strict=False)} if steps else {}
+        counts, at = {}, len(scalars)
+        for k in vectors:
+            width = self.window_vectors[k].numel()
+            counts[k], at = values[at : at + width], at + width
+        return means, counts, int(images)
 
     def reset_window(self) -> None:
         self.window_sums, self.window_steps, self.window_images = {}, 0, 0
