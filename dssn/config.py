@@ -140,6 +140,11 @@ class TrainConfig:
     tensorboard: bool = True  # rank 0 writes <run_dir>/tensorboard/ (local storage)
     board_images: int = 4  # val images whose teacher prediction TensorBoard shows each eval
     sync_bn: bool = True  # SyncBatchNorm when more than one worker
+    # micro-batches a step: each worker sums the gradients of this many batches of
+    # data.batch_size before one optimizer step and one EMA update, so the global batch is
+    # batch_size x workers x accumulate on fewer or smaller GPUs (BatchNorm still sees one
+    # micro-batch at a time)
+    accumulate: int = 1
     keep_checkpoints: int = 2
     max_failures: int = 0
     nan_policy: str = "error"  # error | skip
@@ -318,6 +323,7 @@ def validate(cfg: Config, where: str = "config") -> Config:
         ("dssn.temperature", cfg.dssn.temperature > 0, "must be positive"),
         ("dssn.topk_ratio", 0.0 < cfg.dssn.topk_ratio <= 1.0, "must be in (0, 1]"),
         ("train.epochs", cfg.train.epochs > 0, "must be positive"),
+        ("train.accumulate", cfg.train.accumulate > 0, "must be positive"),
         (
             "dssn.burn_in_epochs",
             0 <= cfg.dssn.burn_in_epochs < cfg.train.epochs or cfg.method == "supervised",

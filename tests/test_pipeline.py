@@ -111,7 +111,12 @@ def test_iters_per_epoch_and_shard_plan(tmp_path):
     cfg = make_cfg(root)
     assert pipeline.iters_per_epoch(cfg, 1) == 10 and pipeline.iters_per_epoch(cfg, 2) == 5
     assert pipeline.iters_per_epoch(cfg, 16) == 1  # never zero: the streams repeat instead
+    cfg.train.accumulate = 2  # 2 batches a step: half the steps, the same batches
+    assert pipeline.iters_per_epoch(cfg, 1) == 5 and pipeline.batches_per_epoch(cfg, 1) == 10
+    assert pipeline.iters_per_epoch(cfg, 2) == 2 and pipeline.batches_per_epoch(cfg, 2) == 4
     cfg.train.iters_per_epoch = 7
+    assert pipeline.iters_per_epoch(cfg, 2) == 7 and pipeline.batches_per_epoch(cfg, 2) == 14
+    cfg.train.accumulate = 1
     assert pipeline.iters_per_epoch(cfg, 2) == 7
     # no unlabeled rows: an epoch is a pass over the labeled set; supervised reads only that
     only_labeled = make_shards(tmp_path / "sup", n_labeled=9, n_unlabeled=0)

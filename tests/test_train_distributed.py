@@ -121,6 +121,77 @@ def test_ddp_training_keeps_workers_identical(tmp_path):
             torch.testing.assert_close(value, b[net][key], msg=f"{net}.{key}")
 
 
+def _accumulate_cfg(accumulate: int):
+    from test_train_loop import tiny_cfg
+
+    cfg = tiny_cfg(iters_per_epoch=1, accumulate=accumulate, sync_bn=False)
+    cfg.model.dropout = 0.0  # a deterministic step
+    return cfg
+
+
+def _micro_batches(rank: int) -> list:
+    from test_train_loop import fake_batches, tiny_cfg
+
+    return list(fake_batches(tiny_cfg(iters_per_epoch=2), rank))
+
+
+def _accumulate_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """One step of 2 micro-batches a worker under DDP (the first under ``no_sync``)."""
+    from test_train_loop import to_device
+
+    from dssn.train import loop
+    from dssn.train.faults import FaultInjector
+    from dssn.train.setup import build_networks
+    from dssn.train.state import TrainState
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        cfg = _accumulate_cfg(2)
+        loop.to_device = to_device
+        nets = build_networks(cfg, torch.device("cpu"), WORLD)
+        cpu, faults = torch.device("cpu"), FaultInjector(cfg, rank, WORLD)
+        batches = _micro_batches(rank)
+        loop.train_one_epoch(
+            cfg, nets, TrainState(), 0, 2, faults, cpu, rank, WORLD, batches=batches
+        )
+        torch.save(nets.module.state_dict(), os.path.join(out_dir, f"acc{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_accumulation_across_workers_is_one_step_of_the_global_batch(tmp_path, monkeypatch):
+    """2 workers x 2 accumulated micro-batches (BatchNorm per micro-batch, as without
+    SyncBatchNorm) make the step one process makes accumulating all 4 micro-batches."""
+    from test_train_loop import to_device
+
+    from dssn.train import loop
+    from dssn.train.faults import FaultInjector
+    from dssn.train.setup import build_networks
+    from dssn.train.state import TrainState
+
+    mp.spawn(
+        _accumulate_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True
+    )
+    monkeypatch.setattr(loop, "to_device", to_device)
+    cfg, cpu = _accumulate_cfg(4), torch.device("cpu")
+    nets = build_networks(cfg, cpu, world_size=1)
+    batches = _micro_batches(0) + _micro_batches(1)
+    loop.train_one_epoch(
+        cfg, nets, TrainState(), 0, 2, FaultInjector(cfg, 0, 1), cpu, 0, 1, batches=batches
+    )
+    one = nets.module.state_dict()
+    initial = build_networks(cfg, cpu, world_size=1).module.state_dict()
+    moved = 0
+    for rank in range(WORLD):
+        ddp = torch.load(tmp_path / f"acc{rank}.pt", weights_only=True)
+        for key, value in one.items():
+            if value.is_floating_point() and "running" not in key:
+                torch.testing.assert_close(ddp[key], value, rtol=1e-4, atol=1e-6, msg=key)
+                moved += not torch.equal(value, initial[key])
+    assert moved > 20
+
+
 def _window_worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:

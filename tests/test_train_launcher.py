@@ -221,6 +221,13 @@ def test_the_schedule_line_names_the_global_batch_and_the_steps():
     assert describe_schedule(one, info).startswith(
         "dssn: global batch 8 a worker x 1 worker = 8 labeled images, a step; 1311 steps"
     )
+    # on one smaller GPU: 2 a step, 4 micro-batches accumulated: the 4-GPU line's batch and steps
+    small = set_values(cfg, {"train.workers": 1, "train.accumulate": 4})
+    assert describe_schedule(small, info) == (
+        "dssn: global batch 2 a worker x 1 worker x 4 micro-batches accumulated = 8 labeled "
+        "images, and as many unlabeled images and CutMix partners, a step; 1311 steps an "
+        "epoch, 104880 in all"
+    )
 
 
 def worker_traceback(error: BaseException) -> str:

@@ -182,6 +182,52 @@ def test_epoch_trains_on_given_batches_without_the_streams(monkeypatch):
     assert before <= out["steady_start_unix"] < out["epoch_end_unix"] <= time.time()
 
 
+def one_step_delta(cfg: Config, batches: list, monkeypatch) -> tuple[list, object, dict]:
+    """The student's weight change over the given batches (one step's worth), from the
+    initial weights every ``build_networks(cfg)`` starts from."""
+    monkeypatch.setattr(loop, "to_device", to_device)
+    cpu = torch.device("cpu")
+    nets = build_networks(cfg, cpu, world_size=1)
+    before = [p.detach().clone() for p in nets.module.parameters()]
+    state = TrainState()
+    out = loop.train_one_epoch(
+        cfg, nets, state, 0, 2, FaultInjector(cfg, 0, 1), cpu, 0, 1, batches=batches
+    )
+    assert state.iteration == 1 and out["steps"] == 1 and nets.ema.updates == 1
+    return (
+        [p.detach() - b for p, b in zip(nets.module.parameters(), before, strict=True)],
+        nets,
+        out,
+    )
+
+
+def test_accumulated_micro_batches_make_one_step_of_their_mean_gradient(monkeypatch):
+    """``train.accumulate=2``: one SGD step (and one EMA update) on the mean of the two
+    micro-batches' gradients. SGD's first step is linear in the gradient, so its change is the
+    mean of the changes one step on each micro-batch alone makes (dropout off: the step is then
+    deterministic)."""
+    cfg = tiny_cfg(iters_per_epoch=1)
+    cfg.model.dropout = 0.0
+    first, second = list(fake_batches(tiny_cfg(iters_per_epoch=2), 0))
+    alone = [one_step_delta(cfg, [b], monkeypatch)[0] for b in (first, second)]
+    cfg.train.accumulate = 2
+    together, _, out = one_step_delta(cfg, [first, second], monkeypatch)
+    moved = 0
+    for both, a, b in zip(together, *alone, strict=True):
+        torch.testing.assert_close(both, (a + b) / 2, rtol=1e-4, atol=1e-7)
+        moved += bool(both.abs().sum() > 0)
+    assert moved > 10
+    assert out["images_per_s"] > 0 and out["loss"] == out["loss"]
+
+
+def test_a_part_filled_accumulation_is_not_stepped(monkeypatch):
+    """Three batches with ``train.accumulate=2``: one step, and the third batch is dropped."""
+    cfg = tiny_cfg(iters_per_epoch=1, accumulate=2)
+    batches = list(fake_batches(tiny_cfg(iters_per_epoch=3), 0))
+    _, nets, out = one_step_delta(cfg, batches, monkeypatch)
+    assert nets.ema.updates == 1 and out["steps"] == 1
+
+
 def test_burn_in_epochs_train_on_labeled_batches_then_dssn(run_epoch):
     cfg = tiny_cfg()
     cfg.dssn.burn_in_epochs = 1

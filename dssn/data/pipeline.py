@@ -7,7 +7,7 @@ In the driver::
 
 In each Ray Train worker::
 
-    for raw in iter_train_batches(cfg, epoch):   # exactly iters_per_epoch(cfg, world) dicts
+    for raw in iter_train_batches(cfg, epoch):   # exactly batches_per_epoch(cfg, world) dicts
         batch = to_device(raw, device, cfg)
     for image, mask in iter_val_samples(cfg):    # this worker's val rows, unaugmented
 
@@ -246,12 +246,17 @@ def stream_names(cfg: Any, epoch: int | None = None) -> tuple[str, ...]:
 
 def iters_per_epoch(cfg: Any, world_size: int, info: dict | None = None) -> int:
     """Steps per epoch: ``train.iters_per_epoch``, else one pass over the unlabeled set (the
-    labeled set if there is none): n // (batch * workers), at least 1."""
+    labeled set if there is none): n // (batch * workers * accumulate), at least 1."""
     if cfg.train.iters_per_epoch is not None:
         return cfg.train.iters_per_epoch
     counts = (info or fmt.read_dataset_info(cfg.data.root))["counts"]
     rows = int(counts.get("unlabeled", 0)) or int(counts["labeled"])
-    return max(1, rows // (cfg.data.batch_size * world_size))
+    return max(1, rows // (cfg.data.batch_size * world_size * cfg.train.accumulate))
+
+
+def batches_per_epoch(cfg: Any, world_size: int, info: dict | None = None) -> int:
+    """Batches each worker takes from each stream an epoch: ``train.accumulate`` a step."""
+    return iters_per_epoch(cfg, world_size, info) * cfg.train.accumulate
 
 
 def shard_plan(root: str, part: str, count: int, rows_needed: int) -> list[dict[str, Any]]:
@@ -314,14 +319,14 @@ def build_datasets(cfg: Any) -> dict[str, Any]:
     evaluation reads val with :func:`iter_val_samples` instead).
 
     Sized for ``cfg.train.workers`` workers: every worker gets at least
-    ``iters_per_epoch * batch_size`` rows of each training stream per epoch.
+    ``batches_per_epoch * batch_size`` rows of each training stream per epoch.
     """
     import ray.data
 
     root = cfg.data.root
     info = fmt.read_dataset_info(root)
     world = cfg.train.workers
-    rows_needed = iters_per_epoch(cfg, world, info) * cfg.data.batch_size * world
+    rows_needed = batches_per_epoch(cfg, world, info) * cfg.data.batch_size * world
     datasets = {name: train_stream(cfg, name, info, rows_needed) for name in stream_names(cfg)}
     val_shards = fmt.list_shards(root, "val")
     val = ray.data.from_items(
@@ -375,7 +380,8 @@ def _world() -> tuple[int, int]:
 def iter_train_batches(
     cfg: Any, epoch: int, datasets: dict[str, Any] | None = None
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Exactly ``iters_per_epoch(cfg, world)`` training batches for this worker.
+    """Exactly ``batches_per_epoch(cfg, world)`` training batches for this worker
+    (``train.accumulate`` a step).
 
     Each dict holds the LABELED_KEYS, UNLABELED_KEYS and MIX_KEYS: uint8 images (B, 3, S, S),
     uint8 masks / ignore / boxes (B, S, S); in labeled-only epochs (supervised, burn-in) the
@@ -387,7 +393,7 @@ def iter_train_batches(
         import ray.train
 
         datasets = {name: ray.train.get_dataset_shard(name) for name in stream_names(cfg, epoch)}
-    steps = iters_per_epoch(cfg, world)
+    steps = batches_per_epoch(cfg, world)
     buffer = cfg.data.shuffle_buffer or None
     iterators = {
         name: iter(
@@ -409,7 +415,7 @@ def iter_train_batches(
                 batch.update(expand_batch(next(it), cfg.data.crop_size))
             except StopIteration:
                 raise RuntimeError(
-                    f"stream '{name}' ran dry at step {step + 1}/{steps} of epoch {epoch + 1} on "
+                    f"stream '{name}' ran dry at batch {step + 1}/{steps} of epoch {epoch + 1} on "
                     f"worker {rank}/{world}: build_datasets sized it for train.workers="
                     f"{cfg.train.workers}; is that the number of workers running?"
                 ) from None

@@ -160,15 +160,16 @@ def describe_schedule(cfg: Config, info: dict[str, Any]) -> str:
     sees) and the steps an epoch and in all, for ``cfg`` on the dataset ``info``."""
     from dssn.data.pipeline import iters_per_epoch
 
-    workers, batch = cfg.train.workers, cfg.data.batch_size
+    workers, batch, micro = cfg.train.workers, cfg.data.batch_size, cfg.train.accumulate
     per_epoch = iters_per_epoch(cfg, workers, info)
     what = "labeled images" if cfg.method == "supervised" else (
         "labeled images, and as many unlabeled images and CutMix partners"
     )  # fmt: skip
+    accumulated = f" x {micro} micro-batches accumulated" if micro > 1 else ""
     return (
-        f"dssn: global batch {batch} a worker x {workers} worker{'s' * (workers != 1)} = "
-        f"{batch * workers} {what}, a step; {per_epoch} steps an epoch, "
-        f"{per_epoch * cfg.train.epochs} in all"
+        f"dssn: global batch {batch} a worker x {workers} worker{'s' * (workers != 1)}"
+        f"{accumulated} = {batch * workers * micro} {what}, a step; {per_epoch} steps an "
+        f"epoch, {per_epoch * cfg.train.epochs} in all"
     )
 
 

@@ -2,7 +2,8 @@
 
     train_loop_per_worker(cfg.to_dict())
 
-Per epoch: ``iters_per_epoch`` DSSN steps (SGD, poly decay after each step, EMA update), a log
+Per epoch: ``iters_per_epoch`` DSSN steps (each the gradients of ``train.accumulate``
+micro-batches, then SGD, poly decay and the EMA update), a log
 line every ``train.log_every`` steps and at the epoch's last step, evaluation of student and
 teacher every ``eval_every`` epochs (and after the last), then one ``ray.train.report`` per worker with the epoch's metrics;
 rank 0 attaches the checkpoint. A run resumes from ``ray.train.get_checkpoint()``.
@@ -15,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from itertools import islice
 from typing import Any
 
@@ -22,6 +24,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from dssn.config import Config, from_dict
 from dssn.data.format import read_dataset_info
@@ -56,13 +59,21 @@ def all_finite(loss: torch.Tensor, world_size: int) -> bool:
     return bool(ok.item())
 
 
-def backward_and_step(nets: Networks, loss: torch.Tensor, world_size: int) -> bool | None:
-    """Backward pass and optimizer step. True: stepped. None: the loss is not finite on some
-    worker (nothing updated; ``train.nan_policy`` decides). False: the loss is finite but fp16
+def gradient_sync(nets: Networks, sync: bool):
+    """Where DDP all-reduces the gradients: at every backward but an accumulating step's
+    earlier micro-batches (``train.accumulate``), whose forward and backward run under
+    DDP's ``no_sync`` and only add to the gradients."""
+    if sync or not isinstance(nets.student, DistributedDataParallel):
+        return nullcontext()
+    return nets.student.no_sync()
+
+
+def optimizer_step(nets: Networks, loss: torch.Tensor, world_size: int) -> bool | None:
+    """The optimizer step after the backward pass(es) of ``loss`` (a step's loss, summed
+    over its micro-batches). True: stepped. None: the loss is not finite on some worker
+    (nothing updated; ``train.nan_policy`` decides). False: the loss is finite but fp16
     gradients overflowed at the current loss scale, so the GradScaler skipped the step and
     lowered the scale (train.amp=fp16; a few such steps at the start of a run are normal)."""
-    nets.optimizer.zero_grad(set_to_none=True)
-    nets.scaler.scale(loss).backward()
     if not all_finite(loss, world_size):
         return None
     if not nets.scaler.is_enabled():
@@ -146,33 +157,47 @@ def train_one_epoch(
     data_wait = window_wait = first_wait = 0.0
     logged_at = 0  # the step of the epoch's last log line
     steady_from = time.time()  # wall clock (Unix) of the first batch's arrival
+    accumulate = cfg.train.accumulate
     i = 0
     while True:
-        t0 = time.perf_counter()
-        try:
-            raw = next(batches)
-        except StopIteration:
+        # one step: the gradients of ``accumulate`` micro-batches, then one optimizer step
+        nets.optimizer.zero_grad(set_to_none=True)
+        micro: list[tuple[dict[str, torch.Tensor], torch.Tensor, int]] = []
+        for k in range(accumulate):
+            t0 = time.perf_counter()
+            raw = next(batches, None)
+            if raw is None:
+                break
+            waited = time.perf_counter() - t0
+            data_wait += waited
+            window_wait += waited
+            if i == 0 and k == 0:
+                first_wait = waited  # the pipeline's start-up, paid once per epoch
+                steady_from = time.time()
+            if k == 0:
+                faults.maybe_die(state.iteration)
+            batch = to_device(raw, device, cfg)
+            with gradient_sync(nets, sync=k == accumulate - 1):
+                with autocast_for(cfg, device):
+                    loss, metrics = step(
+                        nets.student, nets.teacher, batch, cfg, iteration=state.iteration,
+                        epoch=epoch,
+                    )  # fmt: skip
+                loss = faults.maybe_nan(loss, state.iteration)
+                nets.scaler.scale(loss / accumulate).backward()
+            micro.append((metrics, loss.detach(), image_count(batch)))
+        if len(micro) < accumulate:  # the stream ended: a part-filled step is not taken
             break
-        waited = time.perf_counter() - t0
-        data_wait += waited
-        window_wait += waited
-        if i == 0:
-            first_wait = waited  # the pipeline's start-up, paid once per epoch
-            steady_from = time.time()
-        faults.maybe_die(state.iteration)
-        batch = to_device(raw, device, cfg)
-        with autocast_for(cfg, device):
-            loss, metrics = step(
-                nets.student, nets.teacher, batch, cfg, iteration=state.iteration, epoch=epoch
-            )
-        loss = faults.maybe_nan(loss, state.iteration)
-        stepped = backward_and_step(nets, loss, world_size)
+        loss = micro[0][1] if accumulate == 1 else torch.stack([m[1] for m in micro]).sum()
+        stepped = optimizer_step(nets, loss, world_size)
+        step_images = sum(m[2] for m in micro)
         if stepped:
             nets.ema.update(nets.module)
-            meter.add(metrics, loss, image_count(batch))
+            for metrics, micro_loss, count in micro:
+                meter.add(metrics, micro_loss, count)
         elif stepped is not None:  # fp16: the loss scale was too high; the scaler lowered it
             state.overflow_skipped += 1
-            meter.skip(image_count(batch))
+            meter.skip(step_images)
         elif cfg.train.nan_policy == "error":
             raise NonFiniteLossError(
                 f"non-finite loss ({loss.item()}) at epoch {epoch + 1}/{cfg.train.epochs}, "
@@ -182,7 +207,7 @@ def train_one_epoch(
             )
         else:  # skip: no update, no EMA step; the schedule still advances
             state.nan_skipped += 1
-            meter.skip(image_count(batch))
+            meter.skip(step_images)
             log(
                 rank,
                 f"epoch {epoch + 1} step {i + 1}: non-finite loss, update skipped "
