@@ -101,6 +101,10 @@ class DataConfig:
     eval_mode: str = "original"  # original | center_crop | sliding_window
     eval_crop: int | None = None  # defaults to crop_size
     eval_stride: float = 2 / 3  # sliding window: stride = int(window * this) (reference 2/3)
+    # test-time augmentation: the class probabilities at each scale (and mirrored, with
+    # eval_flip) are added; the reference evaluates at [1.0] without flips
+    eval_scales: list[float] = field(default_factory=lambda: [1.0])
+    eval_flip: bool = False
     # local shuffle buffer (rows) per worker and stream, across the row groups of a stream;
     # each epoch's first batch waits until 1.5x this + a batch have arrived (Ray's
     # ShufflingBatcher): at 64, 4 row groups of every stream on every worker
@@ -316,6 +320,11 @@ def validate(cfg: Config, where: str = "config") -> Config:
     checks = [
         ("data.crop_size", cfg.data.crop_size > 0, "must be positive"),
         ("data.batch_size", cfg.data.batch_size > 0, "must be positive"),
+        (
+            "data.eval_scales",
+            bool(cfg.data.eval_scales) and all(x > 0 for x in cfg.data.eval_scales),
+            "must be a non-empty list of positive scales",
+        ),
         ("data.row_groups_per_task", cfg.data.row_groups_per_task > 0, "must be positive"),
         ("data.scale_range", len(cfg.data.scale_range) == 2, "needs [low, high]"),
         ("data.cutmix_area", len(cfg.data.cutmix_area) == 2, "needs [low, high]"),

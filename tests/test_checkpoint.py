@@ -156,3 +156,44 @@ def test_eval_refuses_a_negative_count_of_worst_images(tmp_path, capsys):
         main(["eval", "--checkpoint", str(tmp_path), "--data", str(tmp_path), "--worst", "-2"])
     assert exit_.value.code == 2
     assert "argument --worst: -2 is negative" in capsys.readouterr().err
+
+
+def test_eval_names_its_default_folder_by_mode_and_test_time_augmentation(tmp_path, capsys):
+    from dssn.cli import main
+    from dssn.config import Config
+    from dssn.train.cli import default_eval_dir
+
+    cfg = Config()
+    cfg.data.eval_mode = "sliding_window"
+    assert default_eval_dir(str(tmp_path), cfg) == tmp_path / "eval-sliding_window"
+    cfg.data.eval_scales, cfg.data.eval_flip = [0.75, 1.0, 1.25], True
+    assert (
+        default_eval_dir(str(tmp_path), cfg) == tmp_path / "eval-sliding_window-x0.75-1-1.25-flip"
+    )
+    assert default_eval_dir(str(tmp_path / "best.pth"), cfg) == (
+        tmp_path / "best-eval-sliding_window-x0.75-1-1.25-flip"
+    )
+    with pytest.raises(SystemExit):
+        main(["eval", "--checkpoint", str(tmp_path), "--data", str(tmp_path), "--scales", "0"])
+    assert "argument --scales: 0 is not a positive scale" in capsys.readouterr().err
+
+
+def test_a_flip_for_a_model_trained_without_mirrored_images_gets_a_note(capsys):
+    import argparse
+
+    from dssn.config import Config
+    from dssn.train.cli import apply_tta
+
+    args = argparse.Namespace(command="eval", scales=[1.0, 1.5], flip=True)
+    cfg = Config()  # data.hflip_p 0.5: the model saw mirrored images
+    apply_tta(cfg, args)
+    assert cfg.data.eval_scales == [1.0, 1.5] and cfg.data.eval_flip
+    assert capsys.readouterr().err == ""
+    cfg.data.hflip_p = 0.0  # as the digits
+    apply_tta(cfg, args)
+    assert "dssn eval: note: --flip, but this model trained without mirrored" in (
+        capsys.readouterr().err
+    )
+    cfg = Config()
+    apply_tta(cfg, argparse.Namespace(command="predict", scales=None, flip=False))
+    assert cfg.data.eval_scales == [1.0] and not cfg.data.eval_flip  # the config's own

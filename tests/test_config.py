@@ -67,6 +67,9 @@ def test_int_widens_to_float_and_none_is_accepted_where_optional(tmp_path):
         ("dssn:\n  burn_in_epochs: 4\ntrain:\n  epochs: 4\n", "dssn.burn_in_epochs"),
         ("dssn:\n  burn_in_epochs: -1\n", "dssn.burn_in_epochs"),
         ("data:\n  row_groups_per_task: 0\n", "data.row_groups_per_task"),
+        ("data:\n  eval_scales: []\n", "data.eval_scales"),
+        ("data:\n  eval_scales: [1.0, -0.5]\n", "data.eval_scales"),
+        ("train:\n  accumulate: 0\n", "train.accumulate"),
     ],
 )
 def test_bad_choice_or_range_names_the_key(tmp_path, text, key):

@@ -11,6 +11,7 @@ from torch import nn
 from dssn.config import Config
 from dssn.train.evaluate import (
     center_crop,
+    class_probabilities,
     evaluate,
     segment,
     sliding_window_scores,
@@ -103,6 +104,62 @@ def test_sliding_window_argmax_of_summed_probabilities():
     assert pred[0, 0].tolist() == [1, 1, 1, 1, 1, 1]
     pred, _ = segment(Left(), image, "original", crop=3, stride_ratio=2 / 3)
     assert pred[0, 0].tolist() == [1, 1, 0, 0, 0, 0]
+
+
+def test_sliding_window_probabilities_are_means_over_the_covering_windows():
+    """For a per-pixel model every window gives a pixel the same softmax, so the window mean
+    is that softmax (the sum is 1-4 times it, as windows overlap)."""
+    model = nn.Conv2d(3, 4, 1)
+    image = torch.randn(1, 3, 7, 5)
+    probs = class_probabilities(model, image, "sliding_window", crop=3, stride_ratio=2 / 3)
+    torch.testing.assert_close(probs, model(image).softmax(dim=1))
+
+
+class _BySize(nn.Module):
+    """Spatially constant logits chosen by the input's width; records (H, W) and mirroring."""
+
+    def __init__(self, logits: dict[int, list[float]]):
+        super().__init__()
+        self.logits, self.calls = logits, []
+
+    def forward(self, x):
+        self.calls.append((*x.shape[-2:], bool(x[0, 0, 0, 0] < x[0, 0, 0, -1])))
+        value = torch.tensor(self.logits[x.shape[-1]]).view(1, -1, 1, 1)
+        return value.expand(x.shape[0], -1, *x.shape[-2:])
+
+
+def test_test_time_scales_and_flips_add_class_probabilities():
+    """Probabilities add, not logits and not votes: logit margins 6, -1.5, -1.5 at the scales
+    1, 0.5, 1.5 sum to +3 (class 0), their probability margins to 0.995 - 2 x 0.635 < 0
+    (class 1); margins 6, -0.5, -0.5 lose the vote 1:2 but win the probabilities (class 0)."""
+    image = torch.linspace(0, 1, 40).expand(1, 3, 30, 40).contiguous()  # brighter rightwards
+    scales = (1.0, 0.5, 1.5)
+    model = _BySize({40: [6.0, 0.0], 20: [0.0, 1.5], 60: [0.0, 1.5]})
+    pred, _ = segment(model, image, "original", 8, 2 / 3)
+    assert pred.shape == (1, 30, 40) and pred.unique().tolist() == [0]
+    pred, _ = segment(model, image, "original", 8, 2 / 3, scales=scales)
+    assert pred.shape == (1, 30, 40) and pred.unique().tolist() == [1]
+    # each scale as is (brighter rightwards), then mirrored
+    model = _BySize({40: [6.0, 0.0], 20: [0.0, 0.5], 60: [0.0, 0.5]})
+    pred, _ = segment(model, image, "original", 8, 2 / 3, scales=scales, flip=True)
+    assert pred.unique().tolist() == [0]
+    assert model.calls == [(h, w, mirrored) for h, w in ((30, 40), (15, 20), (45, 60))
+                           for mirrored in (True, False)]  # fmt: skip
+
+
+def test_a_flip_adds_the_mirrored_prediction_mirrored_back():
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 3, 5, padding=2)  # not mirror-symmetric
+    image = torch.randn(1, 3, 12, 16)
+    pred, _ = segment(model, image, "original", 8, 2 / 3, flip=True)
+    both = model(image).softmax(1) + model(image.flip(-1)).softmax(1).flip(-1)
+    assert torch.equal(pred, both.argmax(1))
+    assert not torch.equal(pred, model(image).argmax(1))  # the mirrored pass changed some pixels
+    per_pixel = nn.Conv2d(3, 3, 1)  # a per-pixel model: mirroring changes nothing
+    for mode in ("original", "sliding_window"):
+        plain, _ = segment(per_pixel, image, mode, 8, 2 / 3)
+        flipped, _ = segment(per_pixel, image, mode, 8, 2 / 3, flip=True)
+        assert torch.equal(plain, flipped), mode
 
 
 def test_center_crop_crops_image_and_mask_alike():

@@ -273,6 +273,18 @@ def test_eval_on_a_reference_format_checkpoint(main_run, tiny_digits, tmp_path):
     assert "teacher_miou" not in result  # the file holds only a 'model'
 
 
+def test_eval_with_test_time_scales_and_flip(main_run, tiny_digits, tmp_path, capsys):
+    _, run_dir, _ = main_run
+    final = latest_checkpoint(run_dir)
+    args = ["eval", "--checkpoint", str(final), "--data", str(tiny_digits), "--out",
+            str(tmp_path), "--scales", "0.75", "1", "1.25", "--flip", "--worst", "0"]  # fmt: skip
+    assert main(args) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["scales"] == [0.75, 1.0, 1.25] and result["flip"] is True
+    assert 0.0 <= result["teacher_miou"] <= 1.0
+    assert ", mode original, scales 0.75 1 1.25, flip" in capsys.readouterr().out
+
+
 def test_another_architecture_checkpoint_is_a_clear_error(main_run, tmp_path):
     config, run_dir, _ = main_run
     other = yaml.safe_load(Path(config).read_text())

@@ -148,7 +148,10 @@ def prediction_pictures(
         for image, mask in samples:
             x = normalize(image, cfg, device)
             target = mask.to(device).long().unsqueeze(0)
-            pred, target = segment(model, x, cfg.data.eval_mode, crop, cfg.data.eval_stride, target)
+            pred, target = segment(
+                model, x, cfg.data.eval_mode, crop, cfg.data.eval_stride, target,
+                scales=cfg.data.eval_scales, flip=cfg.data.eval_flip,
+            )  # fmt: skip
             height, width = pred.shape[-2:]
             top, left = (image.shape[-2] - height) // 2, (image.shape[-1] - width) // 2
             shown = image[:, top : top + height, left : left + width].permute(1, 2, 0).numpy()

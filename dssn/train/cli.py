@@ -47,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="Parquet shards root (its val/ part is used)")
     p.add_argument("--mode", choices=MODES, help="inference mode (default: data.eval_mode)")
     p.add_argument("--crop", type=int, help="window of center_crop / sliding_window")
+    _tta_args(p)
     p.add_argument("--out", help="directory for eval.csv / eval.md (default: beside the ckpt)")
     p.add_argument(
         "--worst",
@@ -76,6 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--model", choices=("teacher", "student"), default="teacher")
     p.add_argument("--mode", choices=("original", "sliding_window"), default="original")
+    _tta_args(p)
     p.set_defaults(func=predict_command)
 
     p = sub.add_parser("export", help="a checkpoint's network as a torch.export program (.pt2)")
@@ -84,6 +86,52 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", choices=("teacher", "student"), default="teacher")
     p.add_argument("--size", type=int, help="side of the traced example (default: data.crop_size)")
     p.set_defaults(func=_export)
+
+
+def _tta_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--scales",
+        type=_scale,
+        nargs="+",
+        metavar="S",
+        help="test-time scales whose class probabilities are added, e.g. 0.75 1 1.25 "
+        "(default: data.eval_scales, [1.0])",
+    )
+    p.add_argument(
+        "--flip",
+        action="store_true",
+        help="add the left-right mirrored image's probabilities too (default: data.eval_flip)",
+    )
+
+
+def apply_tta(cfg, args: argparse.Namespace) -> None:
+    """``--scales`` / ``--flip`` into ``cfg.data`` (the config's own values otherwise). A
+    flip for a model trained without mirrored images (``data.hflip_p: 0``, as the digits,
+    whose mirrored 2 reads as a 5) gets a note: it adds predictions on inputs unlike any the
+    model learnt from (on the digits, -5 mIoU)."""
+    cfg.data.eval_scales = args.scales or cfg.data.eval_scales
+    cfg.data.eval_flip = args.flip or cfg.data.eval_flip
+    if cfg.data.eval_flip and cfg.data.hflip_p == 0:
+        print(
+            f"dssn {args.command}: note: --flip, but this model trained without mirrored "
+            "images (data.hflip_p: 0): it adds predictions on inputs unlike its training data",
+            file=sys.stderr,
+        )
+
+
+def tta_label(cfg) -> str:
+    """'' for the reference's single pass; else e.g. ', scales 0.75 1 1.25, flip'."""
+    scales = [float(x) for x in cfg.data.eval_scales]
+    label = "" if scales == [1.0] else ", scales " + " ".join(f"{x:g}" for x in scales)
+    return label + (", flip" if cfg.data.eval_flip else "")
+
+
+def _scale(text: str) -> float:
+    """An argparse type: a positive number."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive scale")
+    return value
 
 
 def _count(text: str) -> int:
@@ -234,6 +282,7 @@ def eval_command(args: argparse.Namespace) -> int:
     info = check_classes(cfg, read_dataset_info(args.data))  # the model's classes: the data's
     cfg.data.eval_mode = args.mode or cfg.data.eval_mode
     cfg.data.eval_crop = args.crop or cfg.data.eval_crop
+    apply_tta(cfg, args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = {name: m.to(device) for name, m in loaded.models.items()}
     samples = iter_val_samples(cfg, shard="val", rank=0, world_size=1)  # every row, no Ray
@@ -250,14 +299,16 @@ def eval_command(args: argparse.Namespace) -> int:
     rows = iou_rows(names, {name: r.iou for name, r in results.items()})
     any_result = next(iter(results.values()))
     print(f"{loaded.source}: {any_result.images} val images of {args.data}, mode "
-          f"{cfg.data.eval_mode}")  # fmt: skip
+          f"{cfg.data.eval_mode}{tta_label(cfg)}")  # fmt: skip
     print(to_text(rows))
-    out = Path(args.out) if args.out else default_eval_dir(args.checkpoint, cfg.data.eval_mode)
+    out = Path(args.out) if args.out else default_eval_dir(args.checkpoint, cfg)
     paths = write_tables(rows, out, "eval")
     summary = {
         "checkpoint": loaded.source,
         "data": args.data,
         "mode": cfg.data.eval_mode,
+        "scales": [float(x) for x in cfg.data.eval_scales],
+        "flip": cfg.data.eval_flip,
         "images": any_result.images,
         **{f"{name}_miou": r.miou for name, r in results.items()},
         **{f"{name}_iou": r.iou for name, r in results.items()},
@@ -271,7 +322,7 @@ def eval_command(args: argparse.Namespace) -> int:
     if confusions:
         listed = "; ".join(f"{t} as {p} {100 * s:.1f}%" for t, p, s in confusions)
         print(f"{shown}'s largest confusions (share of the true class's pixels): {listed}")
-    title = f"{shown}, {any_result.images} val images, {cfg.data.eval_mode}"
+    title = f"{shown}, {any_result.images} val images, {cfg.data.eval_mode}{tta_label(cfg)}"
     paths.append(plot_confusion(names, results[shown].confusion, out / "confusion.png", title))
     ids = [row["id"] for row in iter_rows(args.data, "val", ["id"])]  # iter_val_samples' order
     if len(ids) != any_result.images:
@@ -326,12 +377,17 @@ def draw_images(loaded, cfg, model, ids, indices: list[int], out: Path, device) 
     return paths
 
 
-def default_eval_dir(checkpoint: str, mode: str) -> Path:
-    """``<checkpoint dir>/eval-<mode>``, or ``<dir of file>/<stem>-eval-<mode>`` for a file."""
+def default_eval_dir(checkpoint: str, cfg) -> Path:
+    """``<checkpoint dir>/eval-<mode>``, or ``<dir of file>/<stem>-eval-<mode>`` for a file;
+    test-time augmentation adds ``-x<scales>`` and ``-flip`` (e.g. ``eval-original-x0.75-1-1.25-flip``)."""
+    name = f"eval-{cfg.data.eval_mode}"
+    scales = [float(x) for x in cfg.data.eval_scales]
+    name += "" if scales == [1.0] else "-x" + "-".join(f"{x:g}" for x in scales)
+    name += "-flip" if cfg.data.eval_flip else ""
     path = Path(checkpoint)
     if path.is_dir():
-        return path / f"eval-{mode}"
-    return path.parent / f"{path.stem}-eval-{mode}"
+        return path / name
+    return path.parent / f"{path.stem}-{name}"
 
 
 # ----------------------------------------------------------------------------- predict
@@ -347,6 +403,7 @@ def predict_command(args: argparse.Namespace) -> int:
     )
 
     loaded = load_for_inference(args.checkpoint, args.config, args.overrides)
+    apply_tta(loaded.cfg, args)
     if args.model not in loaded.models:
         print(f"dssn predict: {loaded.source} holds no {args.model}; it has "
               f"{sorted(loaded.models)}", file=sys.stderr)  # fmt: skip

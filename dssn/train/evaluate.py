@@ -15,7 +15,7 @@ evaluates its own share of the rows; the confusion matrices are all-reduced befo
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -91,6 +91,28 @@ def sliding_window_scores(
     return scores
 
 
+def window_coverage(h: int, w: int, window: int, stride: int, device) -> torch.Tensor:
+    """(H, W): how many sliding windows cover each pixel."""
+    count = torch.zeros(h, w, device=device)
+    for top in window_starts(h, stride):
+        for left in window_starts(w, stride):
+            count[top : top + window, left : left + window] += 1
+    return count
+
+
+def class_probabilities(
+    model: nn.Module, image: torch.Tensor, mode: str, crop: int, stride_ratio: float
+) -> torch.Tensor:
+    """(B, C, H, W) class probabilities of each pixel: the softmax (``original``), or the mean
+    of the softmax over the windows covering the pixel (``sliding_window``), so that scales
+    and flips weigh alike when :func:`segment` adds them."""
+    if mode == "sliding_window":
+        stride = int(crop * stride_ratio)
+        scores = sliding_window_scores(model, image, crop, stride)
+        return scores / window_coverage(*image.shape[-2:], crop, stride, scores.device)
+    return model(image).float().softmax(dim=1)
+
+
 def segment(
     model: nn.Module,
     image: torch.Tensor,
@@ -98,20 +120,48 @@ def segment(
     crop: int,
     stride_ratio: float,
     mask: torch.Tensor | None = None,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Predicted class ids for a normalized image (B, 3, H, W) under ``mode``.
 
     Returns (pred (B, H', W') long, mask cropped the same way or None); H', W' differ from
     H, W only for ``center_crop``.
+
+    ``scales`` / ``flip``: test-time augmentation (``data.eval_scales``, ``data.eval_flip``).
+    The image (after a ``center_crop``) is resized by each scale (bilinear), and also
+    mirrored left-right with ``flip``; each pass's class probabilities (:func:`class_
+    probabilities`; a sliding window keeps its window size at every scale) are mirrored back,
+    resized to the image and added, and the argmax taken. With ``(1.0,)`` and no flip this
+    is the reference's single pass.
     """
-    if mode == "sliding_window":
-        stride = int(crop * stride_ratio)
-        return sliding_window_scores(model, image, crop, stride).argmax(dim=1), mask
     if mode == "center_crop":
         image, mask = center_crop(image, mask, crop)
-    elif mode != "original":
+    elif mode not in ("original", "sliding_window"):
         raise ValueError(f"unknown eval mode {mode!r}: expected original, center_crop, ...")
-    return model(image).argmax(dim=1), mask
+    if tuple(scales) == (1.0,) and not flip:  # the reference's single pass
+        if mode == "sliding_window":
+            stride = int(crop * stride_ratio)
+            return sliding_window_scores(model, image, crop, stride).argmax(dim=1), mask
+        return model(image).argmax(dim=1), mask
+    mode = "original" if mode == "center_crop" else mode
+    h, w = image.shape[-2:]
+    total: torch.Tensor | None = None
+    for scale in scales:
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        resized = image if size == (h, w) else resize(image, size, "bilinear")
+        for mirrored in (False, True) if flip else (False,):
+            x = resized.flip(-1) if mirrored else resized
+            probs = class_probabilities(model, x, mode, crop, stride_ratio)
+            probs = probs.flip(-1) if mirrored else probs
+            probs = probs if size == (h, w) else resize(probs, (h, w), "bilinear")
+            total = probs if total is None else total + probs
+    assert total is not None  # scales is not empty (validated with the config)
+    return total.argmax(dim=1), mask
+
+
+def resize(x: torch.Tensor, size: tuple[int, int], how: str) -> torch.Tensor:
+    return nn.functional.interpolate(x, size=size, mode=how, align_corners=False)
 
 
 @contextmanager
@@ -197,7 +247,10 @@ def evaluate(
             target = mask.to(device).long().unsqueeze(0)  # (1, H, W)
             this = {}
             for name, model in models.items():
-                pred, cropped = segment(model, x, mode, crop, cfg.data.eval_stride, target)
+                pred, cropped = segment(
+                    model, x, mode, crop, cfg.data.eval_stride, target,
+                    scales=cfg.data.eval_scales, flip=cfg.data.eval_flip,
+                )  # fmt: skip
                 this[name] = confusion_matrix(pred, cropped, num_classes)
                 confusion[name] += this[name]
             if per_image is not None:

@@ -154,7 +154,10 @@ def predict_image(model: nn.Module, image: np.ndarray, cfg: Config, mode: str) -
     device = next(model.parameters()).device
     x = normalize(torch.from_numpy(image).permute(2, 0, 1).contiguous(), cfg, device)
     crop = cfg.data.eval_crop or cfg.data.crop_size
-    pred, _ = segment(model, x, mode, crop, cfg.data.eval_stride)
+    pred, _ = segment(
+        model, x, mode, crop, cfg.data.eval_stride, scales=cfg.data.eval_scales,
+        flip=cfg.data.eval_flip,
+    )  # fmt: skip
     return pred[0].cpu().numpy().astype(np.int64)
 
 
