@@ -273,6 +273,7 @@ def eval_command(args: argparse.Namespace) -> int:
         to_csv,
         to_text,
         top_confusions,
+        worst_first,
         write_tables,
     )
 
@@ -286,14 +287,30 @@ def eval_command(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = {name: m.to(device) for name, m in loaded.models.items()}
     samples = iter_val_samples(cfg, shard="val", rank=0, world_size=1)  # every row, no Ray
+    ids = [row["id"] for row in iter_rows(args.data, "val", ["id"])]  # in the samples' order
     total = int(info["counts"].get("val", 0))
     matrices: dict[str, list] = {name: [] for name in models}  # each image's, per model
+    shown = "teacher" if "teacher" in models else next(iter(models))
+    current: list = []  # the sample being evaluated
+    worst: list = []  # (order key, sample) of the shown model's args.worst lowest so far
+
+    def remember(samples):
+        for sample in samples:
+            current[:] = [sample]
+            yield sample
 
     def keep(image: dict[str, torch.Tensor]) -> None:
         for name, matrix in image.items():
             matrices[name].append(matrix.cpu())
+        if args.worst:  # kept as they come: the val rows are read once
+            index = len(matrices[shown]) - 1
+            image_id = ids[index] if index < len(ids) else ""  # a mismatch is named below
+            key = worst_first(image_score(matrices[shown][-1])[0], image_id)
+            worst.append((key, current[0]))
+            if len(worst) > args.worst:
+                worst.remove(max(worst, key=lambda item: item[0]))
 
-    samples = with_progress(samples, total, "eval")
+    samples = remember(with_progress(samples, total, "eval"))
     results = evaluate(models, samples, cfg, device, per_image=keep)
     names = class_names_for(cfg.model.num_classes, dataset_info(loaded))
     rows = iou_rows(names, {name: r.iou for name, r in results.items()})
@@ -317,14 +334,12 @@ def eval_command(args: argparse.Namespace) -> int:
     for name, r in results.items():  # pixels: rows = ground truth, columns = prediction
         paths.append(out / f"confusion-{name}.csv")
         paths[-1].write_text(to_csv(confusion_rows(names, r.confusion)))
-    shown = "teacher" if "teacher" in results else next(iter(results))
     confusions = top_confusions(names, results[shown].confusion)
     if confusions:
         listed = "; ".join(f"{t} as {p} {100 * s:.1f}%" for t, p, s in confusions)
         print(f"{shown}'s largest confusions (share of the true class's pixels): {listed}")
     title = f"{shown}, {any_result.images} val images, {cfg.data.eval_mode}{tta_label(cfg)}"
     paths.append(plot_confusion(names, results[shown].confusion, out / "confusion.png", title))
-    ids = [row["id"] for row in iter_rows(args.data, "val", ["id"])]  # iter_val_samples' order
     if len(ids) != any_result.images:
         raise RuntimeError(f"{args.data}: {len(ids)} val ids for {any_result.images} images")
     for name, per_image in matrices.items():
@@ -335,43 +350,33 @@ def eval_command(args: argparse.Namespace) -> int:
         if name == shown:
             listed = ", ".join(f"{row[0]} {row[1]}" for row in table[1:6])
             print(f"{shown}'s lowest per-image mIoU: {listed}")
-            position = {image_id: i for i, image_id in enumerate(ids)}
-            worst = [position[row[0]] for row in table[1 : 1 + args.worst]]
-            paths += draw_images(
-                loaded, cfg, models[shown], ids, worst, out / f"worst-{shown}", device
-            )
+            chosen = [(key[1], sample) for key, sample in sorted(worst, key=lambda w: w[0])]
+            paths += draw_images(loaded, cfg, models[shown], chosen, out / f"worst-{shown}", device)
     for path in [*paths, out / "eval.json"]:
         print(f"wrote {path}")
     return 0
 
 
-def draw_images(loaded, cfg, model, ids, indices: list[int], out: Path, device) -> list[Path]:
-    """``<out>/<rank>_<id>.png`` for the val rows at ``indices`` (in that order; ``ids``: every
-    val row's): image | ground truth | prediction, in the dataset's palette (as TensorBoard's
-    predictions). The val rows are read again, and only those kept."""
+def draw_images(loaded, cfg, model, chosen: list, out: Path, device) -> list[Path]:
+    """``<out>/<rank>_<id>.png`` for the ``chosen`` (id, (image, mask)) val samples, in that
+    order: image | ground truth | prediction, in the dataset's palette (as TensorBoard's
+    predictions)."""
     import numpy as np
     from PIL import Image
 
-    from dssn.data.pipeline import iter_val_samples
     from dssn.train.board import prediction_pictures
     from dssn.train.inference import dataset_info, palette_for
 
-    if not indices:
+    if not chosen:
         return []
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):  # an earlier eval's pictures would mix with these
         old.unlink()
-    wanted = set(indices)
-    chosen = {
-        i: sample
-        for i, sample in enumerate(iter_val_samples(cfg, shard="val", rank=0, world_size=1))
-        if i in wanted
-    }
     palette = palette_for(cfg.model.num_classes, dataset_info(loaded))
-    pictures = prediction_pictures(model, [chosen[i] for i in indices], cfg, device, palette)
+    pictures = prediction_pictures(model, [sample for _, sample in chosen], cfg, device, palette)
     paths = []
-    for rank, (i, picture) in enumerate(zip(indices, pictures, strict=True), start=1):
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in ids[i])
+    for rank, ((image_id, _), picture) in enumerate(zip(chosen, pictures, strict=True), start=1):
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in image_id)
         paths.append(out / f"{rank:02d}_{safe}.png")
         Image.fromarray(np.ascontiguousarray(picture)).save(paths[-1])
     return paths

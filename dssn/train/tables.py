@@ -152,7 +152,7 @@ def per_image_rows(
 ) -> list[list[str]]:
     """Header + one row per image, worst mIoU first: id, mIoU, pixel accuracy, and the image's
     largest confusion in pixels ("9 as 3 (412 px)"; empty where every pixel is right)."""
-    order = sorted(range(len(ids)), key=lambda i: (_nan_last(scores[i][0]), ids[i]))
+    order = sorted(range(len(ids)), key=lambda i: worst_first(scores[i][0], ids[i]))
     rows = [["id", "miou", "pixel_accuracy", "largest_confusion"]]
     for i in order:
         counts = matrices[i].clone()
@@ -164,5 +164,7 @@ def per_image_rows(
     return rows
 
 
-def _nan_last(value: float) -> float:
-    return math.inf if math.isnan(value) else value
+def worst_first(miou: float, image_id: str) -> tuple[float, str]:
+    """The order of :func:`per_image_rows`: lowest mIoU first (an image without any score
+    last), ties by id."""
+    return (math.inf if math.isnan(miou) else miou), image_id
