@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -112,3 +113,39 @@ def test_the_settings_that_differ_are_listed_under_the_table(tmp_path, dataset, 
     assert f"{a}: 40 iterations" in out and f"{again}: 40 iterations" in out
     assert main(["compare", str(a), str(a)]) == 2
     assert "a run is named twice" in capsys.readouterr().err
+
+
+def test_runs_of_one_recipe_with_other_seeds_are_summarised_over_seeds(tmp_path, dataset, capsys):
+    """Two recipes (selection dssn / threshold), three and two seeds: a column each with the
+    mean ± sample standard deviation of its runs; a recipe run once shows its value alone."""
+    from dssn.config import set_values
+
+    runs = []
+    for name, selection, seed, ious in (
+        ("dssn-s0", "dssn", 0, [0.9, 0.5, 0.4, 0.2]),
+        ("thr-s0", "threshold", 0, [0.9, 0.4, 0.4, 0.1]),
+        ("dssn-s1", "dssn", 1, [0.9, 0.6, 0.4, 0.3]),
+        ("dssn-s2", "dssn", 2, [0.9, 0.7, 0.4, 0.4]),
+        ("thr-s1", "threshold", 1, [0.9, 0.4, 0.4, 0.1]),
+    ):
+        run = fake_run(tmp_path, name, ious, dataset)
+        values = {"dssn.selection": selection, "train.seed": seed, "data.seed": seed}
+        set_values(load_run(run)[1], values).save(run / "config.yaml")
+        runs.append(str(run))
+    out_dir = tmp_path / "out"
+    assert main(["compare", *runs, "--out", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "repeats: each recipe's runs" in out
+    assert (
+        "dssn-s0 (n=3): dssn-s0, dssn-s1, dssn-s2" in out and "thr-s0 (n=2): thr-s0, thr-s1" in out
+    )
+    rows = list(csv.reader((out_dir / "compare-seeds.csv").open()))
+    assert rows[0] == ["class", "dssn-s0 (n=3)", "thr-s0 (n=2)"]
+    table = {row[0]: row[1:] for row in rows[1:]}
+    assert table["a"] == ["60.0 ± 10.0", "40.0 ± 0.0"]  # 50, 60, 70 and 40, 40
+    assert table["background"] == ["90.0 ± 0.0", "90.0 ± 0.0"]
+    assert table["mIoU"] == ["55.0 ± 5.0", "45.0 ± 0.0"]  # 50, 55, 60 and 45, 45
+    assert table["rarest c, a, b"][1] == "30.0 ± 0.0"  # (10 + 40 + 40) / 3, twice
+    # one run of a recipe: no spread to show, and no table when every recipe ran once
+    assert main(["compare", runs[0], runs[1]]) == 0
+    assert "repeats:" not in capsys.readouterr().out

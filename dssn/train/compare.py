@@ -5,7 +5,8 @@ column per run: the teacher's final-epoch IoU per class (``--which best`` for it
 the mIoU, and the mean over the rarest classes of the dataset's training prior (digits: the
 three rarest digits), where a single global confidence threshold is expected to fall short.
 Below it, the settings that differ between the runs (their ``config.yaml``; name and storage
-left out). With ``--out DIR`` it also writes both tables (CSV, Markdown) and ``compare.png``:
+left out), and, where a recipe was run with several seeds, each recipe's mean ± standard
+deviation over its runs. With ``--out DIR`` it also writes both tables (CSV, Markdown) and ``compare.png``:
 the runs' teacher and student mIoU against the iteration, from their ``history.csv``.
 """
 
@@ -25,6 +26,8 @@ from dssn.train.tables import class_names_for, iou_rows, to_text, write_tables
 
 RAREST = 3  # classes averaged in the "rarest" row
 WHERE_KEYS = ("train.name", "train.storage")  # where a run is kept, not how it trained
+# draws of the same recipe: runs that differ only here are repeats, summarised over seeds
+SEED_KEYS = ("train.seed", "data.seed", "tune.seed")
 
 
 def load_run(run_dir: str | Path) -> tuple[dict[str, Any], Any]:
@@ -99,6 +102,49 @@ def settings_rows(runs: dict[str, tuple[dict[str, Any], Any]]) -> list[list[str]
     return [["setting", *flat], *rows] if rows else []
 
 
+def seed_groups(runs: dict[str, tuple[dict[str, Any], Any]]) -> list[list[str]]:
+    """The runs grouped by recipe: the same settings apart from where they are kept and their
+    seeds (``SEED_KEYS``), in the order first seen."""
+    groups: dict[str, list[str]] = {}
+    for name, (_, cfg) in runs.items():
+        flat = _flatten(cfg.to_dict())
+        recipe = repr(
+            sorted((k, repr(v)) for k, v in flat.items() if k not in WHERE_KEYS + SEED_KEYS)
+        )
+        groups.setdefault(recipe, []).append(name)
+    return list(groups.values())
+
+
+def seed_rows(runs: dict[str, tuple[dict[str, Any], Any]], rows: list[list[str]]):
+    """The comparison over seeds: one column per recipe (``seed_groups``) with the mean ± the
+    sample standard deviation of its runs' values in ``rows`` (:func:`compare_rows`' table of
+    the same runs: per class, mIoU and the rarest classes); [] when no recipe ran twice."""
+    groups = seed_groups(runs)
+    if all(len(group) == 1 for group in groups):
+        return []
+    names = list(runs)
+    header = ["class"] + [f"{group[0]} (n={len(group)})" for group in groups]
+    out = [header]
+    for row in rows[1:]:
+        cells = [row[0]]
+        for group in groups:
+            values = [row[1 + names.index(name)] for name in group]
+            numbers = [float(v) for v in values if v not in ("-", "")]
+            cells.append(_mean_std(numbers))
+        out.append(cells)
+    return out
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.1f}"
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{mean:.1f} ± {std:.1f}"
+
+
 def _mean_pct(values: list[float]) -> str:
     m = mean_iou(values)
     return "-" if math.isnan(m) else f"{100 * m:.1f}"
@@ -130,8 +176,17 @@ def compare_command(args) -> int:
         print(f"\nsettings that differ ({len(settings) - 1}):\n{to_text(settings)}")
     elif len(runs) > 1:
         print("\nthe runs trained with the same settings (apart from their names)")
+    seeds = seed_rows(runs, rows)
+    if seeds:
+        groups = seed_groups(runs)
+        print(f"\nrepeats: each recipe's runs (the same settings apart from "
+              f"{', '.join(SEED_KEYS)}), mean ± standard deviation, percent")  # fmt: skip
+        print(to_text(seeds))
+        for group in groups:
+            print(f"{group[0]} (n={len(group)}): {', '.join(group)}")
     if args.out:
         tables = [(rows, "compare")] + ([(settings, "compare-settings")] if settings else [])
+        tables += [(seeds, "compare-seeds")] if seeds else []
         for table, stem in tables:
             for path in write_tables(table, args.out, stem):
                 print(f"wrote {path}")
