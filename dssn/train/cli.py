@@ -426,8 +426,8 @@ def predict_command(args: argparse.Namespace) -> int:
         loaded.models[args.model], images, args.out, loaded.cfg, palette, args.mode, root=root
     )
     drawn = len(images) - len(done.skipped)
-    print(f"{args.model} of {loaded.source}: {drawn} images -> {len(done.written)} PNGs in "
-          f"{args.out}")  # fmt: skip
+    print(f"{args.model} of {loaded.source} ({args.mode}{tta_label(loaded.cfg)}): {drawn} "
+          f"images -> {len(done.written)} PNGs in {args.out}")  # fmt: skip
     if done.skipped:  # the rest are drawn; the status tells a script that some were not
         print(f"dssn predict: {len(done.skipped)} of {len(images)} images could not be read: "
               + ", ".join(str(path) for path, _ in done.skipped), file=sys.stderr)  # fmt: skip
