@@ -39,6 +39,10 @@ class ModelConfig:
     # None (random init), a local file path, or "imagenet" (torchvision weights; needs internet
     # or a populated torch hub cache)
     pretrained: str | None = None
+    # start the student and the teacher from a trained network: a checkpoint or run directory
+    # (its teacher) or a reference .pth (its EMA teacher, else its student), e.g. a supervised
+    # run; the optimizer, schedule and epochs start afresh (a resumed run restores its own)
+    init: str | None = None
     aspp_rates: list[int] = field(default_factory=lambda: [6, 12, 18])
     dropout: float = 0.5  # feature perturbation: Dropout2d probability
 

@@ -197,3 +197,34 @@ def test_a_flip_for_a_model_trained_without_mirrored_images_gets_a_note(capsys):
     cfg = Config()
     apply_tta(cfg, argparse.Namespace(command="predict", scales=None, flip=False))
     assert cfg.data.eval_scales == [1.0] and not cfg.data.eval_flip  # the config's own
+
+
+def test_model_init_starts_student_and_teacher_from_a_trained_teacher(tmp_path):
+    """``model.init``: the networks a run builds start from the checkpoint's teacher (a run
+    directory: its last checkpoint), or a reference file's EMA teacher, else its student;
+    the optimizer starts afresh."""
+    from dssn.train.setup import build_networks
+
+    cfg = tiny_config()
+    student, teacher = build_model(cfg.model), build_model(cfg.model)  # two different inits
+    state = {"epoch": 3, "iteration": 30, "config": cfg.to_dict()}
+    ckpt.save_checkpoint(tmp_path / "run" / "checkpoint_epoch_0003", student=student,
+                         teacher=teacher, optimizer=None, state=state)  # fmt: skip
+    reference = {"model": {"module." + k: v for k, v in student.state_dict().items()}}
+    torch.save(reference, tmp_path / "student-only.pth")
+    torch.save({**reference, "model_ema": teacher.state_dict()}, tmp_path / "with-ema.pth")
+    for init, source in ((tmp_path / "run", teacher), (tmp_path / "with-ema.pth", teacher),
+                         (tmp_path / "student-only.pth", student)):  # fmt: skip
+        cfg.model.init = str(init)
+        nets = build_networks(cfg, torch.device("cpu"), world_size=1)
+        for net in (nets.module, nets.teacher):
+            for key, value in source.state_dict().items():
+                assert torch.equal(net.state_dict()[key], value), (init, key)
+        assert not nets.optimizer.state  # no moments: a new run, not a resumed one
+    cfg.model.init = str(tmp_path / "run")
+    cfg.model.num_classes = 5
+    with pytest.raises(ckpt.CheckpointError, match="num_classes=3.*num_classes=5"):
+        build_networks(cfg, torch.device("cpu"), world_size=1)
+    cfg.model.init = str(tmp_path / "student-only.pth")
+    with pytest.raises(ckpt.CheckpointError, match="(?s)model.init: .*shape mismatches.*num_classes=5"):
+        build_networks(cfg, torch.device("cpu"), world_size=1)

@@ -26,8 +26,11 @@ def test_relative_paths_become_absolute_for_the_workers(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = Config()
     cfg.data.root, cfg.train.storage, cfg.model.pretrained = "shards/x", "runs", "w/r18.pth"
+    cfg.model.init = "runs/sup"
     out = resolve_paths(cfg)
-    assert out.data.root == str(tmp_path / "shards/x")
+    assert out.data.root == str(tmp_path / "shards/x") and out.model.init == str(
+        tmp_path / "runs/sup"
+    )
     assert out.train.storage == str(tmp_path / "runs")
     assert out.model.pretrained == str(tmp_path / "w/r18.pth")
     cfg.data.root, cfg.model.pretrained = "s3://bucket/shards", "imagenet"
@@ -311,3 +314,28 @@ def test_a_failed_run_ends_with_its_cause(tmp_path, capsys, monkeypatch):
         "dssn train: the run failed: rank 0: ShardError: "
         "/d/unlabeled/part-00003.parquet: row 'a7': its image"
     )
+
+
+def test_a_missing_or_mismatched_init_checkpoint_is_named_before_ray_starts(
+    tiny_digits, tmp_path, capsys, monkeypatch
+):
+    from dssn.cli import main
+    from dssn.config import load_config
+    from dssn.model import build_model
+    from dssn.train import launcher
+    from dssn.train.checkpoint import save_checkpoint
+
+    monkeypatch.setattr(launcher, "ensure_ray", lambda cfg: pytest.fail("Ray was started"))
+    args = ["train", "--config", CONFIG, "--storage", str(tmp_path / "runs"), "--name", "x",
+            f"data.root={tiny_digits}"]  # fmt: skip
+    missing = tmp_path / "no-such-run"
+    assert main(args + [f"model.init={missing}"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"dssn: checkpoint error: model.init: checkpoint not found: {missing}\n"
+    other = load_config(CONFIG, ["model.width=8"])  # another architecture's checkpoint
+    net = build_model(other.model)
+    state = {"epoch": 1, "iteration": 4, "config": other.to_dict()}
+    save_checkpoint(tmp_path / "narrow", student=net, teacher=net, optimizer=None, state=state)
+    assert main(args + [f"model.init={tmp_path / 'narrow'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dssn: checkpoint error: ") and "width=8" in err and "width=32" in err

@@ -31,6 +31,10 @@ OPTIMIZER = "optimizer.pt"
 RNG = "rng.pt"
 STATE = "state.json"
 MAX_LISTED_KEYS = 5  # keys named in a mismatch error
+# a DSSN / UniMatch reference checkpoint file: the student's state dict, and the EMA teacher's
+# under one of these keys where the file has one
+REFERENCE_STUDENT_KEY = "model"
+REFERENCE_TEACHER_KEYS = ("model_ema", "ema_model", "teacher", "model_teacher")
 
 
 class CheckpointError(RuntimeError):
@@ -177,6 +181,30 @@ def load_model_weights(
     if model_cfg is not None:
         source += f"; the model here is {describe_model(model_cfg)}"
     load_weights(model, load_file(directory / which), source)
+
+
+def load_init_weights(model: nn.Module, cfg: Config) -> str:
+    """``model.init`` into ``model`` (a run's starting weights): a checkpoint directory's
+    teacher (its student if it has none), a run directory's last checkpoint, or a reference
+    ``.pth`` file's EMA teacher or student. Returns what was loaded, for the log.
+    CheckpointError if the path holds no checkpoint or another architecture."""
+    from dssn.model.weights import WeightsError, load_reference_checkpoint
+
+    path = resolve_checkpoint(cfg.model.init)
+    if path.is_dir():
+        which = TEACHER if (path / TEACHER).is_file() else MODEL
+        load_model_weights(model, path, which, model_cfg=cfg)
+        return str(path / which)
+    if not path.is_file():
+        raise CheckpointError(f"model.init: checkpoint not found: {path}")
+    raw = load_file(path)
+    keys = raw if isinstance(raw, dict) else {}
+    key = next((k for k in REFERENCE_TEACHER_KEYS if k in keys), REFERENCE_STUDENT_KEY)
+    try:
+        load_reference_checkpoint(model, raw, key=key)
+    except WeightsError as e:
+        raise CheckpointError(f"model.init: {e}; the model here is {describe_model(cfg)}") from e
+    return f"{path} ('{key}')"
 
 
 # ----------------------------------------------------------------------------- RNG

@@ -214,6 +214,11 @@ def train_command(args: argparse.Namespace) -> int:
         return summarise(state["metrics"], directory, cfg)
     info = check_training_data(cfg)  # a wrong root or class count: one line, before Ray starts
     print(describe_schedule(cfg, info), flush=True)
+    if cfg.model.init:  # a missing file or another architecture: one line, before Ray starts
+        from dssn.model import build_model
+        from dssn.train.checkpoint import load_init_weights
+
+        print(f"dssn: starting from {load_init_weights(build_model(cfg.model), cfg)}", flush=True)
     started = ensure_ray(cfg)
     try:
         result = fit(cfg, resume=not args.no_resume)

@@ -26,8 +26,6 @@ from dssn.train import checkpoint as ckpt
 from dssn.train.evaluate import normalize, segment
 
 # keys under which reference-style checkpoints may hold the EMA teacher besides 'model'
-REFERENCE_TEACHER_KEYS = ("model_ema", "ema_model", "teacher", "model_teacher")
-REFERENCE_STUDENT_KEY = "model"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 OVERLAY_ALPHA = 0.5  # weight of the mask colour in an overlay
 PROGRESS_S = 10.0  # seconds between progress lines of eval / predict
@@ -87,9 +85,9 @@ def _load_reference(path: Path, config, overrides) -> Loaded:
         )
     cfg = load_config(config, overrides)
     raw = ckpt.load_file(path)
-    models = {"student": _reference_model(cfg, raw, REFERENCE_STUDENT_KEY)}
+    models = {"student": _reference_model(cfg, raw, ckpt.REFERENCE_STUDENT_KEY)}
     if isinstance(raw, dict):
-        teacher_key = next((k for k in REFERENCE_TEACHER_KEYS if k in raw), None)
+        teacher_key = next((k for k in ckpt.REFERENCE_TEACHER_KEYS if k in raw), None)
         if teacher_key is not None:
             models["teacher"] = _reference_model(cfg, raw, teacher_key)
     return Loaded(cfg, models, None, str(path))

@@ -69,6 +69,8 @@ def resolve_paths(cfg: Config) -> Config:
     pretrained = cfg.model.pretrained
     if pretrained and pretrained != "imagenet":
         data["model"]["pretrained"] = _absolute(pretrained)
+    if cfg.model.init:
+        data["model"]["init"] = _absolute(cfg.model.init)
     return from_dict(data, where="config with absolute paths")
 
 

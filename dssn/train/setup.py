@@ -1,6 +1,7 @@
 """Building one worker's networks: student (DDP when distributed), EMA teacher, optimizer.
 
-Order matters: the student is built with the same seed on every worker, its BatchNorm layers are
+Order matters: the student is built with the same seed on every worker (or loaded from
+``model.init``), its BatchNorm layers are
 synchronised (both networks, when there is more than one worker and ``train.sync_bn``), it is
 wrapped in DDP (which also broadcasts rank 0's weights), and only then is the teacher copied
 from it, so the teacher starts identical everywhere. The teacher stays outside DDP.
@@ -17,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dssn.config import Config
 from dssn.method import EMATeacher
 from dssn.model import build_model
+from dssn.train.checkpoint import load_init_weights
 from dssn.train.evaluate import amp_enabled
 from dssn.train.schedule import build_optimizer
 from dssn.train.sync_bn import convert_sync_batchnorm
@@ -52,6 +54,8 @@ def build_networks(cfg: Config, device: torch.device, world_size: int) -> Networ
     """Student, teacher and optimizer for one worker (see the module docstring for order)."""
     torch.manual_seed(cfg.train.seed)  # same initial weights on every worker
     module = build_model(cfg.model)
+    if cfg.model.init:  # a trained network's weights (every worker reads the same file)
+        load_init_weights(module, cfg)
     if world_size > 1 and cfg.train.sync_bn:
         module = convert_sync_batchnorm(module, device)
     module = module.to(device)
