@@ -226,5 +226,7 @@ def test_model_init_starts_student_and_teacher_from_a_trained_teacher(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="num_classes=3.*num_classes=5"):
         build_networks(cfg, torch.device("cpu"), world_size=1)
     cfg.model.init = str(tmp_path / "student-only.pth")
-    with pytest.raises(ckpt.CheckpointError, match="(?s)model.init: .*shape mismatches.*num_classes=5"):
+    with pytest.raises(
+        ckpt.CheckpointError, match="(?s)model.init: .*shape mismatches.*num_classes=5"
+    ):
         build_networks(cfg, torch.device("cpu"), world_size=1)
