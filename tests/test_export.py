@@ -61,6 +61,46 @@ def test_what_the_checkpoint_lacks_and_a_wrong_name_are_one_line_errors(tmp_path
     args = ["export", "--checkpoint", str(path), "--config", str(config)]
     assert main([*args, "--out", str(tmp_path / "t.pt2")]) == 2  # --model teacher: not in it
     assert "holds no teacher (it holds: student)" in capsys.readouterr().err
-    assert main([*args, "--model", "student", "--out", str(tmp_path / "t.onnx")]) == 2
-    assert "name the file *.pt2" in capsys.readouterr().err
-    assert not (tmp_path / "t.pt2").exists() and not (tmp_path / "t.onnx").exists()
+    assert main([*args, "--model", "student", "--out", str(tmp_path / "t.pth")]) == 2
+    assert "name the file *.pt2 (a torch.export program) or *.onnx" in capsys.readouterr().err
+    assert not (tmp_path / "t.pt2").exists() and not (tmp_path / "t.pth").exists()
+
+
+def test_the_onnx_model_predicts_as_dssn_predict_at_any_size_and_batch(tmp_path, capsys):
+    import onnxruntime
+
+    path, config, model, cfg = reference_checkpoint(tmp_path)
+    out = tmp_path / "deploy" / "student.onnx"
+    args = ["export", "--checkpoint", str(path), "--config", str(config), "--out", str(out)]
+    assert main([*args, "--model", "student"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert [p.name for p in out.parent.iterdir()] == ["student.onnx"]  # no partial file left
+    session = onnxruntime.InferenceSession(str(out))
+    assert [i.name for i in session.get_inputs()] == ["images"]
+    assert [o.name for o in session.get_outputs()] == ["logits"]
+    info = json.loads(session.get_modelmeta().custom_metadata_map["dssn.json"])
+    assert info["model"] == "student" and info["classes"] == ["0", "1", "2"]
+    assert info["format"].startswith("dssn ONNX model: uint8 RGB")
+    gen = torch.Generator().manual_seed(1)
+    for batch, height, width in ((1, 32, 32), (3, 45, 61)):  # not the traced 2 x 32 x 32
+        images = torch.randint(0, 256, (batch, 3, height, width), generator=gen, dtype=torch.uint8)
+        (logits,) = session.run(None, {"images": images.numpy()})
+        assert logits.shape == (batch, 3, height, width)
+        for image, these in zip(images, logits, strict=True):
+            expected = predict_image(model, image.permute(1, 2, 0).numpy(), cfg, "original")
+            assert np.array_equal(these.argmax(0), expected)
+            with torch.no_grad():
+                direct = model(normalize(image, cfg, torch.device("cpu")))[0]
+            torch.testing.assert_close(torch.from_numpy(these), direct, rtol=1e-4, atol=1e-4)
+
+
+def test_onnx_without_its_packages_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    import sys
+
+    path, config, _, _ = reference_checkpoint(tmp_path)
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if not installed
+    args = ["export", "--checkpoint", str(path), "--config", str(config), "--model", "student"]
+    assert main([*args, "--out", str(tmp_path / "s.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "needs the onnx and onnxscript packages (onnxscript is missing)" in err
+    assert "pip install 'dssn[onnx]'" in err and not (tmp_path / "s.onnx").exists()

@@ -82,7 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("export", help="a checkpoint's network as a torch.export program (.pt2)")
     _checkpoint_args(p)
-    p.add_argument("--out", required=True, help="the .pt2 file to write")
+    p.add_argument("--out", required=True, help="the .pt2 (torch.export) or .onnx file to write")
     p.add_argument("--model", choices=("teacher", "student"), default="teacher")
     p.add_argument("--size", type=int, help="side of the traced example (default: data.crop_size)")
     p.set_defaults(func=_export)

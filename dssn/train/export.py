@@ -1,6 +1,7 @@
 """``dssn export``: a checkpoint's teacher (or student) as one self-contained file.
 
     dssn export --checkpoint DIR|FILE.pth --out teacher.pt2 [--model teacher|student]
+    dssn export --checkpoint DIR|FILE.pth --out teacher.onnx      # needs dssn[onnx]
 
 The file is a ``torch.export`` program (``.pt2``): the network with its input normalisation,
 from uint8 RGB images (B, 3, H, W) to logits (B, C, H, W) at the input's size, any batch size
@@ -12,8 +13,15 @@ and image size. Loading it needs torch only, not this package or the model's cod
     info = json.loads(extra["dssn.json"])     # classes, palette, config, source checkpoint
 
 It predicts as ``dssn predict --mode original`` (one pass over the whole image); a sliding
-window is the caller's loop. The program is also what torch's ONNX exporter and AOTInductor
-take as input.
+window is the caller's loop.
+
+``.onnx``: the same program through torch's ONNX exporter (``onnx`` and ``onnxscript``, the
+``[onnx]`` extra), with the same input, output and dynamic sizes, for onnxruntime, TensorRT and
+the like. The same JSON is the model's metadata property ``dssn.json``:
+
+    session = onnxruntime.InferenceSession("teacher.onnx")
+    logits = session.run(None, {"images": images_uint8})[0]
+    info = json.loads(session.get_modelmeta().custom_metadata_map["dssn.json"])
 """
 
 from __future__ import annotations
@@ -62,8 +70,12 @@ def export_command(args) -> int:
     from dssn.train.inference import dataset_info, load_for_inference, palette_for
 
     out = Path(args.out)
-    if out.suffix != ".pt2":  # before the checkpoint is read
-        raise ConfigError(f"--out {out}: name the file *.pt2 (a torch.export program)")
+    if out.suffix not in FORMATS:  # before the checkpoint is read
+        raise ConfigError(
+            f"--out {out}: name the file *.pt2 (a torch.export program) or *.onnx (ONNX)"
+        )
+    if out.suffix == ".onnx":
+        onnx_modules()  # a missing extra: one line, before the checkpoint is read
     loaded = load_for_inference(args.checkpoint, args.config, args.overrides)
     if args.model not in loaded.models:
         raise ConfigError(
@@ -85,10 +97,47 @@ def export_command(args) -> int:
         "config": cfg.to_dict(),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.stem + ".partial.pt2")  # a half-written file never passes
-    torch.export.save(program, partial, extra_files={INFO_FILE: json.dumps(meta)})
+    partial = out.with_name(out.stem + ".partial" + out.suffix)  # a half-written file never passes
+    if out.suffix == ".pt2":
+        torch.export.save(program, partial, extra_files={INFO_FILE: json.dumps(meta)})
+        load = f'torch.export.load("{out}").module()(images_uint8)'
+    else:
+        meta["format"] = meta["format"].replace("torch.export program", "ONNX model")
+        save_onnx(program, meta, partial)
+        load = f'onnxruntime.InferenceSession("{out}").run(None, {{"images": images_uint8}})'
     partial.replace(out)
     size_mb = out.stat().st_size / 2**20
     print(f"wrote {out} ({size_mb:.1f} MiB): {cfg.model.backbone}, {len(names)} classes")
-    print(f'load it: torch.export.load("{out}").module()(images_uint8)  # -> logits')
+    print(f"load it: {load}  # -> logits")
     return 0
+
+
+FORMATS = (".pt2", ".onnx")
+
+
+def onnx_modules():
+    """(onnx, onnxscript), or a ConfigError naming the extra that installs them."""
+    try:
+        import onnx
+        import onnxscript
+    except ImportError as e:
+        raise ConfigError(
+            f"dssn export to .onnx needs the onnx and onnxscript packages ({e.name} is "
+            "missing): pip install 'dssn[onnx]'"
+        ) from e
+    return onnx, onnxscript
+
+
+def save_onnx(program, meta: dict[str, Any], path: Path) -> None:
+    """``program`` (:func:`export_program`) as an ONNX model at ``path``, its input and output
+    named ``images`` and ``logits``, ``meta`` as the metadata property ``dssn.json``."""
+    import logging
+
+    onnx, _ = onnx_modules()
+    logging.getLogger("torch.onnx").setLevel(logging.WARNING)  # its progress lines
+    exported = torch.onnx.export(
+        program, dynamo=True, input_names=["images"], output_names=["logits"], verbose=False
+    )
+    model = exported.model_proto
+    onnx.helper.set_model_props(model, {INFO_FILE: json.dumps(meta)})
+    onnx.save(model, str(path))
