@@ -339,3 +339,46 @@ def test_a_missing_or_mismatched_init_checkpoint_is_named_before_ray_starts(
     assert main(args + [f"model.init={tmp_path / 'narrow'}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dssn: checkpoint error: ") and "width=8" in err and "width=32" in err
+
+
+def test_ctrl_c_names_the_last_checkpoint_and_how_to_go_on(
+    tiny_digits, tmp_path, capsys, monkeypatch
+):
+    from dssn.cli import main
+    from dssn.config import load_config
+    from dssn.model import build_model
+    from dssn.train import launcher
+    from dssn.train.checkpoint import save_checkpoint
+
+    def stopped(cfg, resume):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(launcher, "ensure_ray", lambda cfg: False)
+    monkeypatch.setattr(launcher, "fit", stopped)
+    args = ["train", "--config", CONFIG, "--storage", str(tmp_path), "--name", "run",
+            f"data.root={tiny_digits}"]  # fmt: skip
+    assert main(args) == 130
+    assert "interrupted before the first epoch ended" in capsys.readouterr().err
+    cfg = load_config(CONFIG, [f"data.root={tiny_digits}"])
+    net = build_model(cfg.model)
+    for epoch in (1, 2):
+        state = {"epoch": epoch, "iteration": 400 * epoch, "config": cfg.to_dict()}
+        save_checkpoint(tmp_path / "run" / f"checkpoint_epoch_000{epoch}", student=net,
+                        teacher=net, optimizer=None, state=state)  # fmt: skip
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert (
+        f"the last checkpoint is {tmp_path / 'run' / 'checkpoint_epoch_0002'} (epoch 2/8, " in err
+    )
+    assert "iteration 800). The same command (the same --name and --storage) continues" in err
+
+    def aborted(cfg, resume):  # Ray Train's SIGINT handler: the run aborted, exit
+        raise SystemExit(0)
+
+    class Result:  # or fit returns the aborted run's result: its last report, epoch 2 of 8
+        metrics = {"epoch": 2}
+
+    for fit in (aborted, lambda cfg, resume: Result()):
+        monkeypatch.setattr(launcher, "fit", fit)
+        assert main(args) == 130
+        assert "interrupted; the last checkpoint is" in capsys.readouterr().err

@@ -225,6 +225,10 @@ def train_command(args: argparse.Namespace) -> int:
     except FileExistsError as e:  # --no-resume and the run exists
         print(f"dssn train: {e}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C: Ray Train's SIGINT handler aborts the
+        # run, then exits (SystemExit); before its handler is set, Python's KeyboardInterrupt
+        print(interrupted_message(cfg), file=sys.stderr)
+        return 130
     except Exception as e:  # Ray wraps worker errors: show the cause, not a driver traceback
         if type(e).__name__ not in ("TrainingFailedError", "WorkerGroupError", "ControllerError"):
             raise
@@ -238,7 +242,28 @@ def train_command(args: argparse.Namespace) -> int:
     if result.metrics is None:
         print("dssn train: no epoch finished, so there is nothing to summarise", file=sys.stderr)
         return 1
+    if result.metrics.get("epoch", cfg.train.epochs) < cfg.train.epochs:  # aborted (Ctrl-C)
+        print(interrupted_message(cfg), file=sys.stderr)
+        return 130
     return summarise(result.metrics, result.checkpoint and result.checkpoint.path, cfg)
+
+
+def interrupted_message(cfg) -> str:
+    """What a stopped ``dssn train`` keeps: its last complete checkpoint, and the way on."""
+    from dssn.train.launcher import latest_checkpoint_state, run_dir
+
+    latest = latest_checkpoint_state(cfg)
+    if latest is None:
+        return (
+            f"dssn train: interrupted before the first epoch ended: {run_dir(cfg)} holds no "
+            "checkpoint; the same command starts the run again"
+        )
+    directory, state = latest
+    return (
+        f"dssn train: interrupted; the last checkpoint is {directory} (epoch {state['epoch']}/"
+        f"{cfg.train.epochs}, iteration {state.get('iteration', '?')}). The same command "
+        "(the same --name and --storage) continues from it"
+    )
 
 
 def summarise(metrics: dict, checkpoint_dir: str | None, cfg) -> int:
