@@ -210,3 +210,24 @@ def test_ray_train_report_is_refused_inside_a_tune_function(ray_instance, tmp_pa
     ).fit()
     assert grid[0].metrics["refused"] == 1
     assert "use the equivalent `ray.tune` API" in grid[0].metrics["why"]
+
+
+def test_a_search_stopped_before_it_ended_says_how_to_continue_it():
+    import pandas as pd
+
+    from dssn.tune.results import Experiment, Trial, unfinished_notes
+
+    def trial(i, status):
+        return Trial(f"t{i}", status, {}, pd.DataFrame())
+
+    done = [trial(0, "TERMINATED"), trial(1, "ERROR")]
+    exp = Experiment("/runs/digits-tune", done, {}, meta={"num_samples": 2})
+    assert unfinished_notes(exp) == []  # every planned trial ended (one of them failed)
+    for trials, planned in ((done + [trial(2, "RUNNING")], 3), (done, 4)):
+        exp = Experiment("/runs/digits-tune", trials, {}, meta={"num_samples": planned})
+        (note,) = unfinished_notes(exp)
+        assert note.startswith(f"the search stopped before it ended: 2 of {planned} trials")
+        assert (
+            "`dssn tune --config /runs/digits-tune/config.yaml --storage /runs --name digits-tune "
+            "--resume` continues it" in note
+        )

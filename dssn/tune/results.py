@@ -295,6 +295,7 @@ def summarize(path: str, out: str | None = None, plots: bool = True) -> Summary:
     if table.empty:
         notes.append("no trials in this experiment yet")
     notes += [f"trial {t.trial_id} failed: {t.error}" for t in exp.trials if t.error]
+    notes += unfinished_notes(exp)
     rows = display_rows(table) if not table.empty else [["trial"], ["-"]]
     text = to_text(rows)
     # write locally, then upload when ``out`` is a URI
@@ -321,6 +322,21 @@ def summarize(path: str, out: str | None = None, plots: bool = True) -> Summary:
         files.upload_dir(local, out)
     paths = {k: f"{out}/{p.name}" for k, p in written.items()}
     return Summary(table=table, text=text, paths=paths, notes=notes, metric=exp.metric)
+
+
+def unfinished_notes(exp: Experiment) -> list[str]:
+    """A note when the search stopped before it ended (Ctrl-C, a lost driver): trials that
+    did not finish, or fewer trials than ``num_samples``, and the command that continues it."""
+    open_trials = [t for t in exp.trials if t.status not in (TERMINATED, ERROR)]
+    planned = int(exp.meta.get("num_samples") or len(exp.trials))
+    if not open_trials and len(exp.trials) >= planned:
+        return []
+    storage, _, name = str(exp.path).rstrip("/").rpartition("/")
+    return [
+        f"the search stopped before it ended: {len(exp.trials) - len(open_trials)} of {planned} "
+        f"trials finished; `dssn tune --config {exp.path}/{CONFIG_FILE} --storage {storage} "
+        f"--name {name} --resume` continues it (unfinished trials from their last checkpoint)"
+    ]
 
 
 def _parquet_ready(table: pd.DataFrame) -> pd.DataFrame:
