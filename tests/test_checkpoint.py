@@ -213,6 +213,8 @@ def test_model_init_starts_student_and_teacher_from_a_trained_teacher(tmp_path):
     reference = {"model": {"module." + k: v for k, v in student.state_dict().items()}}
     torch.save(reference, tmp_path / "student-only.pth")
     torch.save({**reference, "model_ema": teacher.state_dict()}, tmp_path / "with-ema.pth")
+    # model.init replaces every weight: the backbone file is not read (here, there is none)
+    cfg.model.pretrained = str(tmp_path / "no-such-backbone.pth")
     for init, source in ((tmp_path / "run", teacher), (tmp_path / "with-ema.pth", teacher),
                          (tmp_path / "student-only.pth", student)):  # fmt: skip
         cfg.model.init = str(init)

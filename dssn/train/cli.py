@@ -119,11 +119,12 @@ def apply_tta(cfg, args: argparse.Namespace) -> None:
         )
 
 
-def tta_label(cfg) -> str:
-    """'' for the reference's single pass; else e.g. ', scales 0.75 1 1.25, flip'."""
-    scales = [float(x) for x in cfg.data.eval_scales]
-    label = "" if scales == [1.0] else ", scales " + " ".join(f"{x:g}" for x in scales)
-    return label + (", flip" if cfg.data.eval_flip else "")
+def tta_label(cfg, scales: str = ", scales {}", sep: str = " ", flip: str = ", flip") -> str:
+    """'' for the reference's single pass; else e.g. ', scales 0.75 1 1.25, flip' (the
+    arguments give other spellings: :func:`default_eval_dir`'s ``-x0.75-1-1.25-flip``)."""
+    values = [float(x) for x in cfg.data.eval_scales]
+    label = "" if values == [1.0] else scales.format(sep.join(f"{x:g}" for x in values))
+    return label + (flip if cfg.data.eval_flip else "")
 
 
 def _scale(text: str) -> float:
@@ -217,8 +218,10 @@ def train_command(args: argparse.Namespace) -> int:
     if cfg.model.init:  # a missing file or another architecture: one line, before Ray starts
         from dssn.model import build_model
         from dssn.train.checkpoint import load_init_weights
+        from dssn.train.setup import init_architecture
 
-        print(f"dssn: starting from {load_init_weights(build_model(cfg.model), cfg)}", flush=True)
+        model = build_model(init_architecture(cfg))
+        print(f"dssn: starting from {load_init_weights(model, cfg)}", flush=True)
     started = ensure_ray(cfg)
     try:
         result = fit(cfg, resume=not args.no_resume)
@@ -415,10 +418,7 @@ def draw_images(loaded, cfg, model, chosen: list, out: Path, device) -> list[Pat
 def default_eval_dir(checkpoint: str, cfg) -> Path:
     """``<checkpoint dir>/eval-<mode>``, or ``<dir of file>/<stem>-eval-<mode>`` for a file;
     test-time augmentation adds ``-x<scales>`` and ``-flip`` (e.g. ``eval-original-x0.75-1-1.25-flip``)."""
-    name = f"eval-{cfg.data.eval_mode}"
-    scales = [float(x) for x in cfg.data.eval_scales]
-    name += "" if scales == [1.0] else "-x" + "-".join(f"{x:g}" for x in scales)
-    name += "-flip" if cfg.data.eval_flip else ""
+    name = f"eval-{cfg.data.eval_mode}" + tta_label(cfg, "-x{}", "-", "-flip")
     path = Path(checkpoint)
     if path.is_dir():
         return path / name

@@ -9,13 +9,13 @@ from it, so the teacher starts identical everywhere. The teacher stays outside D
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from dssn.config import Config
+from dssn.config import Config, ModelConfig
 from dssn.method import EMATeacher
 from dssn.model import build_model
 from dssn.train.checkpoint import load_init_weights
@@ -50,10 +50,16 @@ def worker_threads(cfg: Config) -> int:
     return max(1, int(cfg.train.cpus_per_worker))
 
 
+def init_architecture(cfg: Config) -> ModelConfig:
+    """``cfg.model``, without its pretrained backbone when ``model.init`` replaces every
+    weight anyway (no backbone file read, no "imagenet" download, for nothing)."""
+    return replace(cfg.model, pretrained=None) if cfg.model.init else cfg.model
+
+
 def build_networks(cfg: Config, device: torch.device, world_size: int) -> Networks:
     """Student, teacher and optimizer for one worker (see the module docstring for order)."""
     torch.manual_seed(cfg.train.seed)  # same initial weights on every worker
-    module = build_model(cfg.model)
+    module = build_model(init_architecture(cfg))
     if cfg.model.init:  # a trained network's weights (every worker reads the same file)
         load_init_weights(module, cfg)
     if world_size > 1 and cfg.train.sync_bn:
