@@ -146,6 +146,19 @@ def test_runs_of_one_recipe_with_other_seeds_are_summarised_over_seeds(tmp_path,
     assert table["background"] == ["90.0 ± 0.0", "90.0 ± 0.0"]
     assert table["mIoU"] == ["55.0 ± 5.0", "45.0 ± 0.0"]  # 50, 55, 60 and 45, 45
     assert table["rarest c, a, b"][1] == "30.0 ± 0.0"  # (10 + 40 + 40) / 3, twice
+    # paired by seed (0 and 1 ran both): threshold minus dssn, 45 - 50 and 45 - 55
+    paired = list(csv.reader((out_dir / "compare-paired.csv").open()))
+    assert paired[0][:5] == ["recipe", "against", "seeds", "mIoU difference", "mIoU ahead"]
+    assert paired[1] == [
+        "thr-s0",
+        "dssn-s0",
+        "0 1",
+        "-7.5 ± 3.5",
+        "0 of 2",
+        "-10.0 ± 4.7",
+        "0 of 2",
+    ]
+    assert "paired by train.seed: each recipe minus the first" in out
     # one run of a recipe: no spread to show, and no table when every recipe ran once
     assert main(["compare", runs[0], runs[1]]) == 0
     assert "repeats:" not in capsys.readouterr().out

@@ -135,14 +135,53 @@ def seed_rows(runs: dict[str, tuple[dict[str, Any], Any]], rows: list[list[str]]
     return out
 
 
-def _mean_std(values: list[float]) -> str:
+def paired_rows(runs: dict[str, tuple[dict[str, Any], Any]], rows: list[list[str]]):
+    """Each recipe against the first (``seed_groups``), paired by ``train.seed``: for the
+    seeds both ran, the mean ± standard deviation of the per-seed differences of the last rows
+    of ``rows`` (mIoU, and the rarest classes where the table has them) and how many seeds
+    came out ahead; [] when no two recipes share a seed. A paired difference cancels what a
+    seed does to both (initial weights, data order), which the spread of each alone does not."""
+    groups = seed_groups(runs)
+    names = list(runs)
+    last = [row for row in rows[1:] if row[0] == "mIoU" or row[0].startswith("rarest ")]
+
+    def by_seed(group: list[str], row: list[str]) -> dict[int, float]:
+        values = {}
+        for name in group:
+            cell = row[1 + names.index(name)]
+            if cell not in ("-", ""):
+                values.setdefault(runs[name][1].train.seed, float(cell))  # first run of a seed
+        return values
+
+    header = ["recipe", "against", "seeds"]
+    for row in last:
+        header += [f"{row[0]} difference", f"{row[0]} ahead"]
+    out = []
+    for group in groups[1:]:
+        cells: list[str] = [group[0], groups[0][0], ""]
+        shared: set[int] = set()
+        for row in last:
+            mine, base = by_seed(group, row), by_seed(groups[0], row)
+            seeds = sorted(set(mine) & set(base))
+            shared |= set(seeds)
+            diffs = [mine[k] - base[k] for k in seeds]
+            ahead = f"{sum(d > 0 for d in diffs)} of {len(diffs)}" if diffs else "-"
+            cells += [_mean_std(diffs, signed=True), ahead]
+        if shared:
+            cells[2] = " ".join(str(k) for k in sorted(shared))
+            out.append(cells)
+    return [header, *out] if out else []
+
+
+def _mean_std(values: list[float], signed: bool = False) -> str:
     if not values:
         return "-"
     mean = sum(values) / len(values)
+    text = f"{mean:+.1f}" if signed else f"{mean:.1f}"
     if len(values) == 1:
-        return f"{mean:.1f}"
+        return text
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    return f"{mean:.1f} ± {std:.1f}"
+    return f"{text} ± {std:.1f}"
 
 
 def _mean_pct(values: list[float]) -> str:
@@ -184,9 +223,15 @@ def compare_command(args) -> int:
         print(to_text(seeds))
         for group in groups:
             print(f"{group[0]} (n={len(group)}): {', '.join(group)}")
+    paired = paired_rows(runs, rows) if seeds else []
+    if paired:
+        print("\npaired by train.seed: each recipe minus the first, over the seeds both ran "
+              "(mean ± standard deviation of the differences, points)")  # fmt: skip
+        print(to_text(paired))
     if args.out:
         tables = [(rows, "compare")] + ([(settings, "compare-settings")] if settings else [])
         tables += [(seeds, "compare-seeds")] if seeds else []
+        tables += [(paired, "compare-paired")] if paired else []
         for table, stem in tables:
             for path in write_tables(table, args.out, stem):
                 print(f"wrote {path}")
