@@ -31,29 +31,43 @@ def reference_checkpoint(tmp_path):
     return path, tmp_path / "config.yaml", model, cfg
 
 
-def test_the_program_predicts_as_dssn_predict_at_any_size_and_batch(tmp_path, capsys):
+def export_student(tmp_path, name: str, capsys):
+    """``dssn export`` of the reference checkpoint's student to ``deploy/<name>``: (the file,
+    the network, its config), checked to be the only file written."""
     path, config, model, cfg = reference_checkpoint(tmp_path)
-    out = tmp_path / "deploy" / "student.pt2"
+    out = tmp_path / "deploy" / name
     args = ["export", "--checkpoint", str(path), "--config", str(config), "--out", str(out)]
     assert main([*args, "--model", "student"]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
-    assert [p.name for p in out.parent.iterdir()] == ["student.pt2"]  # no partial file left
+    assert [p.name for p in out.parent.iterdir()] == [name]  # no partial file left
+    return out, model, cfg
+
+
+def test_the_program_predicts_as_dssn_predict_at_any_size_and_batch(tmp_path, capsys):
+    out, model, cfg = export_student(tmp_path, "student.pt2", capsys)
     extra = {"dssn.json": ""}
     program = torch.export.load(out, extra_files=extra).module()
     info = json.loads(extra["dssn.json"])
     assert info["model"] == "student" and info["classes"] == ["0", "1", "2"]
     assert info["config"]["model"]["backbone"] == "tiny" and len(info["palette"]) == 3
+    predicts_as_dssn_predict(lambda images: program(images).detach(), model, cfg, 1e-5)
+
+
+def predicts_as_dssn_predict(run, model, cfg, tolerance: float) -> None:
+    """``run`` (uint8 images (B, 3, H, W) -> logits) at sizes and a batch other than the traced
+    2 x 32 x 32: its labels are ``dssn predict``'s, its logits the network's after the
+    evaluation's normalisation (to ``tolerance``)."""
     gen = torch.Generator().manual_seed(1)
-    for batch, height, width in ((1, 32, 32), (3, 45, 61)):  # not the traced 2 x 32 x 32
+    for batch, height, width in ((1, 32, 32), (3, 45, 61)):
         images = torch.randint(0, 256, (batch, 3, height, width), generator=gen, dtype=torch.uint8)
-        logits = program(images)
+        logits = torch.as_tensor(run(images))
         assert logits.shape == (batch, 3, height, width)
-        for image, these, labels in zip(images, logits, logits.argmax(1), strict=True):
+        for image, these in zip(images, logits, strict=True):
             expected = predict_image(model, image.permute(1, 2, 0).numpy(), cfg, "original")
-            assert np.array_equal(labels.numpy(), expected)
-            with torch.no_grad():  # the evaluation's normalisation, to float32 rounding
+            assert np.array_equal(these.argmax(0).numpy(), expected)
+            with torch.no_grad():
                 direct = model(normalize(image, cfg, torch.device("cpu")))[0]
-            torch.testing.assert_close(these, direct, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(these, direct, rtol=tolerance, atol=tolerance)
 
 
 def test_what_the_checkpoint_lacks_and_a_wrong_name_are_one_line_errors(tmp_path, capsys):
@@ -69,29 +83,16 @@ def test_what_the_checkpoint_lacks_and_a_wrong_name_are_one_line_errors(tmp_path
 def test_the_onnx_model_predicts_as_dssn_predict_at_any_size_and_batch(tmp_path, capsys):
     import onnxruntime
 
-    path, config, model, cfg = reference_checkpoint(tmp_path)
-    out = tmp_path / "deploy" / "student.onnx"
-    args = ["export", "--checkpoint", str(path), "--config", str(config), "--out", str(out)]
-    assert main([*args, "--model", "student"]) == 0
-    assert f"wrote {out}" in capsys.readouterr().out
-    assert [p.name for p in out.parent.iterdir()] == ["student.onnx"]  # no partial file left
+    out, model, cfg = export_student(tmp_path, "student.onnx", capsys)
     session = onnxruntime.InferenceSession(str(out))
     assert [i.name for i in session.get_inputs()] == ["images"]
     assert [o.name for o in session.get_outputs()] == ["logits"]
     info = json.loads(session.get_modelmeta().custom_metadata_map["dssn.json"])
     assert info["model"] == "student" and info["classes"] == ["0", "1", "2"]
     assert info["format"].startswith("dssn ONNX model: uint8 RGB")
-    gen = torch.Generator().manual_seed(1)
-    for batch, height, width in ((1, 32, 32), (3, 45, 61)):  # not the traced 2 x 32 x 32
-        images = torch.randint(0, 256, (batch, 3, height, width), generator=gen, dtype=torch.uint8)
-        (logits,) = session.run(None, {"images": images.numpy()})
-        assert logits.shape == (batch, 3, height, width)
-        for image, these in zip(images, logits, strict=True):
-            expected = predict_image(model, image.permute(1, 2, 0).numpy(), cfg, "original")
-            assert np.array_equal(these.argmax(0), expected)
-            with torch.no_grad():
-                direct = model(normalize(image, cfg, torch.device("cpu")))[0]
-            torch.testing.assert_close(torch.from_numpy(these), direct, rtol=1e-4, atol=1e-4)
+    predicts_as_dssn_predict(
+        lambda images: session.run(None, {"images": images.numpy()})[0], model, cfg, 1e-4
+    )
 
 
 def test_onnx_without_its_packages_is_a_one_line_error(tmp_path, capsys, monkeypatch):
